@@ -1,0 +1,239 @@
+"""The low-level API: pull and push named tensors, with retries.
+
+Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED,
+ABORTED) with exponential backoff and jitter. A push picks its idempotency key
+once and reuses it on every retry, so a retried push whose ack was lost is
+counted once by the server (which answers with the first ack, `duplicate=True`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from client_sdk._errors import TRANSIENT_CODES, ProtocolError, ServerUnavailable, TributaryError, translate
+from proto import tributary_pb2 as pb
+from proto import tributary_pb2_grpc as pb_grpc
+from proto.tensors import (
+    MalformedPayload,
+    PayloadAssembler,
+    TensorSpec,
+    header_to_pb,
+    iter_chunks,
+    specs_from_pb,
+    specs_of,
+)
+
+T = TypeVar("T")
+_STRATEGY_NAMES = {pb.STRATEGY_KIND_FEDASYNC: "fedasync", pb.STRATEGY_KIND_FEDBUFF: "fedbuff", pb.STRATEGY_KIND_FEDAVG: "fedavg"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: delay_k = min(max_backoff_s, initial_backoff_s * multiplier^k),
+    each scaled by a random factor in [1 - jitter, 1]."""
+
+    max_attempts: int = 8
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
+            raise ValueError("backoffs must be >= 0 and multiplier >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+
+    def delays(self) -> Iterator[float]:
+        for attempt in range(self.max_attempts - 1):
+            base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
+            yield base * (1 - self.jitter * random.random())
+
+
+@dataclass(frozen=True)
+class JobDescription:
+    job_id: str
+    strategy: str
+    synchronous: bool
+    version: int
+    specs: tuple[TensorSpec, ...]
+    max_staleness: int | None
+    updates_accepted: int
+
+
+@dataclass(frozen=True)
+class PulledModel:
+    version: int
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    version_at_arrival: int
+    staleness: int
+    staleness_weight: float
+    version_after: int
+    duplicate: bool
+    idempotency_key: str
+
+
+class Client:
+    """A connection to one job on a Tributary server.
+
+    >>> with Client("127.0.0.1:50051", job="default") as client:
+    ...     model = client.pull()
+    ...     client.push(model.version, delta, num_samples=128)
+    """
+
+    def __init__(
+        self,
+        address: str,
+        job: str = "default",
+        *,
+        client_id: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        timeout_s: float = 300.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.address = address
+        self.job = job
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
+        self.retry = retry
+        self.timeout_s = timeout_s
+        self._channel = channel or grpc.insecure_channel(address)
+        self._stub = pb_grpc.TributaryStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # -- calls -----------------------------------------------------------------
+
+    def job_info(self) -> JobDescription:
+        info: pb.JobInfo = self._with_retries("get job", lambda: self._stub.GetJob(pb.GetJobRequest(job_id=self.job), timeout=self.timeout_s))
+        try:
+            specs = tuple(specs_from_pb(info.model))
+        except MalformedPayload as error:
+            raise ProtocolError(f"server described job {self.job!r} with a bad tensor list: {error}") from error
+        return JobDescription(
+            job_id=info.job_id,
+            strategy=_STRATEGY_NAMES.get(info.strategy, "unknown"),
+            synchronous=info.synchronous,
+            version=info.version,
+            specs=specs,
+            max_staleness=info.max_staleness or None,
+            updates_accepted=info.updates_accepted,
+        )
+
+    def pull(self, *, min_version: int = 0, wait_s: float = 0.0) -> PulledModel:
+        """The job's current model. With `min_version`, wait up to `wait_s`
+        seconds for that version (synchronous rounds); the answer may still be
+        older if the wait runs out."""
+        request = pb.PullRequest(job_id=self.job, min_version=min_version, wait_timeout_ms=int(wait_s * 1000))
+        return self._with_retries("pull", lambda: self._pull_once(request, timeout=self.timeout_s + wait_s))
+
+    def push(
+        self,
+        base_version: int,
+        delta: Mapping[str, Any],
+        *,
+        num_samples: int = 1,
+        idempotency_key: str | None = None,
+    ) -> PushResult:
+        """Send `delta` (trained minus pulled, for every tensor of the model, in
+        the model's order), computed against `base_version`. Values may be numpy
+        arrays or torch tensors."""
+        arrays = {name: _to_numpy(value) for name, value in delta.items()}
+        key = idempotency_key or uuid.uuid4().hex
+        try:
+            header = pb.UpdateHeader(
+                job_id=self.job,
+                client_id=self.client_id,
+                idempotency_key=key,
+                base_version=base_version,
+                num_samples=num_samples,
+                header=header_to_pb(specs_of(arrays)),
+            )
+        except MalformedPayload as error:
+            raise TributaryError(f"cannot send this update: {error}") from error
+
+        def requests() -> Iterator[pb.PushRequest]:
+            yield pb.PushRequest(update=header)
+            for data in iter_chunks(arrays.values()):
+                yield pb.PushRequest(chunk=pb.Chunk(data=data))
+
+        ack: pb.PushAck = self._with_retries("push", lambda: self._stub.Push(requests(), timeout=self.timeout_s))
+        return PushResult(
+            version_at_arrival=ack.version_at_arrival,
+            staleness=ack.staleness,
+            staleness_weight=ack.staleness_weight,
+            version_after=ack.version_after,
+            duplicate=ack.duplicate,
+            idempotency_key=key,
+        )
+
+    def fit(self, model: Any, train_fn: Any, **options: Any) -> Any:
+        """Train `model` federatedly: see `client_sdk.fit` (needs torch)."""
+        from client_sdk._training import fit
+
+        return fit(self, model, train_fn, **options)
+
+    # -- internals -------------------------------------------------------------
+
+    def _pull_once(self, request: pb.PullRequest, timeout: float) -> PulledModel:
+        stream = self._stub.Pull(request, timeout=timeout)
+        first = next(stream, None)
+        if first is None or first.WhichOneof("kind") != "model":
+            raise ProtocolError("pull answer did not start with a model header")
+        try:
+            specs = specs_from_pb(first.model.header)
+            assembler = PayloadAssembler(specs)
+            for message in stream:
+                if message.WhichOneof("kind") != "chunk":
+                    raise ProtocolError("pull answer carried a second header")
+                assembler.add(message.chunk.data)
+            tensors = assembler.finish()
+        except MalformedPayload as error:
+            stream.cancel()
+            raise ProtocolError(f"server sent a malformed model: {error}") from error
+        return PulledModel(first.model.version, tensors)
+
+    def _with_retries(self, doing: str, call: Callable[[], T]) -> T:
+        delays = self.retry.delays()
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as error:
+                code = error.code() if isinstance(error, grpc.Call) else None
+                delay = next(delays, None) if code in TRANSIENT_CODES else None
+                if delay is None:
+                    translated = translate(error, f"{doing} on job {self.job!r} at {self.address}")
+                    if code in TRANSIENT_CODES:
+                        translated = ServerUnavailable(f"{translated} after {self.retry.max_attempts} attempts")
+                        translated.code = code
+                    raise translated from None
+                time.sleep(delay)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    detach = getattr(value, "detach", None)
+    if detach is not None:  # a torch tensor; torch itself is not needed for the low-level API
+        return detach().cpu().numpy()
+    return np.asarray(value)

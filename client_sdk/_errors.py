@@ -1,0 +1,74 @@
+"""The SDK's exceptions, and the one place that turns `grpc.RpcError` into them.
+
+    TributaryError                 base of everything the SDK raises
+    +-- UpdateRejected             the server refused the update as malformed
+    |                              (names, shapes, dtypes, NaN/Inf, stream)
+    +-- NotAcceptedNow             well-formed but not acceptable now: too stale,
+    |                              round closed, unknown base version. Pull and retrain.
+    +-- JobNotFound                the server does not run that job
+    +-- LimitExceeded              over one of the server's limits (size, rate)
+    +-- ServerUnavailable          the server could not be reached, retries spent
+    +-- ProtocolError              the server sent something malformed (a bug, or
+                                   not a Tributary server)
+    +-- ModelMismatch              the local model does not fit the job's tensors
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TributaryError(Exception):
+    """Base of every SDK error. `code` is the gRPC status code, when one applies."""
+
+    code: grpc.StatusCode | None = None
+
+
+class UpdateRejected(TributaryError):
+    pass
+
+
+class NotAcceptedNow(TributaryError):
+    pass
+
+
+class JobNotFound(TributaryError):
+    pass
+
+
+class LimitExceeded(TributaryError):
+    pass
+
+
+class ServerUnavailable(TributaryError):
+    pass
+
+
+class ProtocolError(TributaryError):
+    pass
+
+
+class ModelMismatch(TributaryError):
+    pass
+
+
+_BY_CODE: dict[grpc.StatusCode, type[TributaryError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: UpdateRejected,
+    grpc.StatusCode.FAILED_PRECONDITION: NotAcceptedNow,
+    grpc.StatusCode.NOT_FOUND: JobNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceeded,
+    grpc.StatusCode.UNAVAILABLE: ServerUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailable,
+}
+
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+"""Failures worth retrying: the same request may succeed a moment later."""
+
+
+def translate(error: grpc.RpcError, doing: str) -> TributaryError:
+    code = error.code() if isinstance(error, grpc.Call) else None
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    kind = _BY_CODE.get(code, TributaryError) if code is not None else TributaryError
+    translated = kind(f"{doing}: {details}" + (f" ({code.name})" if code is not None else ""))
+    translated.code = code
+    return translated

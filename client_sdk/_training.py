@@ -1,0 +1,135 @@
+"""The high-level loop for a PyTorch model: pull -> train locally -> push delta.
+
+torch is imported here only, so apps that use the low-level numpy API never
+need it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from client_sdk._client import Client, PulledModel, PushResult
+from client_sdk._errors import ModelMismatch, NotAcceptedNow
+
+if TYPE_CHECKING:
+    import torch
+
+TrainFn = Callable[["torch.nn.Module", "torch.device"], int]
+"""Trains the model in place for one local round; returns the number of examples used."""
+
+SYNC_WAIT_S = 30.0
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """`preferred`, else $TRIBUTARY_DEVICE, else cuda, then mps, then cpu."""
+    import torch
+
+    choice = preferred or os.environ.get("TRIBUTARY_DEVICE")
+    if choice:
+        device = torch.device(choice)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {choice!r} was asked for but torch sees no CUDA device")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_into(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> None:
+    """Copy pulled tensors into the model's parameters and buffers (in place,
+    on whatever device the model is on). Tensors the job does not aggregate
+    (integer buffers) keep their local values."""
+    import torch
+
+    state = model.state_dict()
+    missing = [name for name in tensors if name not in state]
+    if missing:
+        raise ModelMismatch(f"the job's model has tensors {missing} that this model lacks")
+    with torch.no_grad():
+        for name, array in tensors.items():
+            target = state[name]
+            if tuple(target.shape) != array.shape:
+                raise ModelMismatch(f"tensor {name!r}: job has shape {list(array.shape)}, model has {list(target.shape)}")
+            target.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+
+
+def model_arrays(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Floating-point tensors of `model.state_dict()` as numpy arrays (copies)."""
+    state = model.state_dict()
+    names = names if names is not None else [n for n, t in state.items() if t.is_floating_point()]
+    return {name: state[name].detach().to("cpu").numpy().copy() for name in names}
+
+
+@dataclass
+class FitSummary:
+    updates_pushed: int = 0
+    updates_refused: int = 0
+    last_version: int = 0
+    staleness: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(
+    client: Client,
+    model: torch.nn.Module,
+    train_fn: TrainFn,
+    *,
+    updates: int | None = None,
+    duration_s: float | None = None,
+    device: str | None = None,
+    on_push: Callable[[PushResult], Any] | None = None,
+) -> FitSummary:
+    """Loop pull -> `train_fn(model, device)` -> push delta until `updates`
+    pushes were accepted or `duration_s` passed (at least one must be given).
+
+    An update the server refuses as too stale (or, in synchronous rounds,
+    arriving after its round closed) is dropped and training restarts from the
+    current model; other errors propagate.
+    """
+    if updates is None and duration_s is None:
+        raise ValueError("give `updates` or `duration_s`, or the loop would never end")
+    start = time.monotonic()
+    summary = FitSummary()
+    torch_device = pick_device(device)
+    model.to(torch_device)
+    job = client.job_info()
+    names = [spec.name for spec in job.specs]
+    pulled: PulledModel = client.pull()
+
+    def done() -> bool:
+        if updates is not None and summary.updates_pushed >= updates:
+            return True
+        return duration_s is not None and time.monotonic() - start >= duration_s
+
+    while not done():
+        load_into(model, pulled.tensors)
+        model.train()
+        num_samples = int(train_fn(model, torch_device))
+        trained = model_arrays(model, names)
+        delta = {name: trained[name] - pulled.tensors[name] for name in names}
+        try:
+            result = client.push(pulled.version, delta, num_samples=max(1, num_samples))
+        except NotAcceptedNow:
+            summary.updates_refused += 1
+        else:
+            summary.updates_pushed += 1
+            summary.staleness.append(result.staleness)
+            if on_push is not None:
+                on_push(result)
+        if job.synchronous:
+            # wait for the round to close rather than retraining on the same version
+            pulled = client.pull(min_version=pulled.version + 1, wait_s=SYNC_WAIT_S)
+        else:
+            pulled = client.pull()
+        summary.last_version = pulled.version
+    summary.seconds = time.monotonic() - start
+    return summary

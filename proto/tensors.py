@@ -1,0 +1,175 @@
+"""Named tensors on the wire: a header of specs, then raw little-endian chunks.
+
+This module is the one place that knows both the protobuf tensor messages and
+numpy. Senders call `specs_of` + `header_to_pb` + `iter_chunks`; receivers call
+`specs_from_pb` and feed chunks to a `PayloadAssembler`, which refuses a stream
+that is truncated, longer than declared, or cut into oversized chunks, before it
+allocates or copies more than the header promised.
+
+Every failure on untrusted input raises `MalformedPayload` with a message that
+names what was wrong; callers turn it into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from proto import tributary_pb2 as pb
+
+CHUNK_BYTES = 1 << 20
+"""Largest chunk a sender emits and a receiver accepts (1 MiB)."""
+
+_DTYPE_TO_PB: dict[np.dtype, int] = {
+    np.dtype("<f4"): pb.DTYPE_FLOAT32,
+    np.dtype("<f8"): pb.DTYPE_FLOAT64,
+    np.dtype("<f2"): pb.DTYPE_FLOAT16,
+    np.dtype("<i8"): pb.DTYPE_INT64,
+    np.dtype("<i4"): pb.DTYPE_INT32,
+    np.dtype("|u1"): pb.DTYPE_UINT8,
+}
+_PB_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_PB.items()}
+
+ArrayLike = Union[np.ndarray, "np.typing.ArrayLike"]
+
+
+class MalformedPayload(ValueError):
+    """A tensor header or payload that cannot be what it claims to be."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, element type and shape of one tensor; what the header carries."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype.name}{list(self.shape)}"
+
+
+def wire_dtype(dtype: np.dtype) -> np.dtype:
+    """The little-endian dtype that travels for `dtype`, or MalformedPayload."""
+    little = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
+    if little not in _DTYPE_TO_PB:
+        supported = ", ".join(sorted(d.name for d in _DTYPE_TO_PB))
+        raise MalformedPayload(f"dtype {np.dtype(dtype).name} cannot travel; supported: {supported}")
+    return little
+
+
+def specs_of(tensors: Mapping[str, np.ndarray]) -> list[TensorSpec]:
+    return [TensorSpec(name, wire_dtype(array.dtype), tuple(int(d) for d in array.shape)) for name, array in tensors.items()]
+
+
+def header_to_pb(specs: Sequence[TensorSpec]) -> pb.TensorHeader:
+    return pb.TensorHeader(
+        tensors=[pb.TensorSpec(name=s.name, dtype=_DTYPE_TO_PB[s.dtype], shape=s.shape) for s in specs],  # type: ignore[arg-type]
+        payload_bytes=sum(s.nbytes for s in specs),
+    )
+
+
+def specs_from_pb(header: pb.TensorHeader) -> list[TensorSpec]:
+    """Validate a received header on its own terms (not against any model)."""
+    specs: list[TensorSpec] = []
+    seen: set[str] = set()
+    for index, spec in enumerate(header.tensors):
+        if not spec.name:
+            raise MalformedPayload(f"tensor #{index} has an empty name")
+        if spec.name in seen:
+            raise MalformedPayload(f"tensor name {spec.name!r} appears twice in the header")
+        seen.add(spec.name)
+        if spec.dtype not in _PB_TO_DTYPE:
+            raise MalformedPayload(f"tensor {spec.name!r} has unsupported dtype code {spec.dtype}")
+        if any(d < 0 for d in spec.shape):
+            raise MalformedPayload(f"tensor {spec.name!r} has a negative dimension in shape {list(spec.shape)}")
+        specs.append(TensorSpec(spec.name, _PB_TO_DTYPE[spec.dtype], tuple(spec.shape)))
+    declared = int(header.payload_bytes)
+    actual = sum(s.nbytes for s in specs)
+    if declared != actual:
+        raise MalformedPayload(f"header declares {declared} payload bytes but its tensors need {actual}")
+    return specs
+
+
+def as_wire_array(array: np.ndarray) -> np.ndarray:
+    """C-contiguous, little-endian view (or copy) of `array`."""
+    return np.ascontiguousarray(array, dtype=wire_dtype(array.dtype))
+
+
+def iter_chunks(arrays: Iterable[np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Cut the concatenated bytes of `arrays` into chunks of exactly `chunk_bytes`
+    (the last may be shorter). Small tensors share chunks, so a model of many
+    biases does not turn into many tiny messages."""
+    pending = bytearray()
+    for array in arrays:
+        view = memoryview(as_wire_array(array)).cast("B")
+        pos = 0
+        while pos < len(view):
+            take = min(chunk_bytes - len(pending), len(view) - pos)
+            if not pending and take == chunk_bytes:
+                yield bytes(view[pos : pos + take])
+            else:
+                pending += view[pos : pos + take]
+                if len(pending) == chunk_bytes:
+                    yield bytes(pending)
+                    pending.clear()
+            pos += take
+    if pending:
+        yield bytes(pending)
+
+
+class PayloadAssembler:
+    """Collects the chunks of one payload into a buffer sized by the header.
+
+    The buffer is allocated once from the header's byte count, which the caller
+    has already checked against its own size limit, so a sender cannot make the
+    receiver grow memory past what it agreed to.
+    """
+
+    def __init__(self, specs: Sequence[TensorSpec], max_chunk_bytes: int = CHUNK_BYTES) -> None:
+        self._specs = list(specs)
+        self._expected = sum(s.nbytes for s in self._specs)
+        self._buffer = bytearray(self._expected)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        self._max_chunk = max_chunk_bytes
+
+    @property
+    def received_bytes(self) -> int:
+        return self._filled
+
+    def add(self, data: bytes) -> None:
+        if len(data) > self._max_chunk:
+            raise MalformedPayload(f"chunk of {len(data)} bytes exceeds the {self._max_chunk}-byte chunk limit")
+        end = self._filled + len(data)
+        if end > self._expected:
+            raise MalformedPayload(
+                f"stream carries more than the {self._expected} payload bytes its header declared"
+            )
+        self._view[self._filled : end] = data
+        self._filled = end
+
+    def finish(self) -> dict[str, np.ndarray]:
+        if self._filled != self._expected:
+            raise MalformedPayload(
+                f"stream ended after {self._filled} of {self._expected} payload bytes (truncated)"
+            )
+        return split_payload(self._specs, self._buffer)
+
+
+def split_payload(specs: Sequence[TensorSpec], buffer: Union[bytes, bytearray, memoryview]) -> dict[str, np.ndarray]:
+    """Views of each tensor inside `buffer` (no copy), in header order."""
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in specs:
+        count = spec.nbytes // spec.dtype.itemsize
+        tensors[spec.name] = np.frombuffer(buffer, dtype=spec.dtype, count=count, offset=offset).reshape(spec.shape)
+        offset += spec.nbytes
+    return tensors

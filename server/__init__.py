@@ -1,0 +1,39 @@
+"""The aggregation service.
+
+Layers, outermost first (imports point inward only):
+  app        builds a gRPC server from a ServerConfig and runs it
+  servicer   thin gRPC layer: messages in, core calls, status codes out
+  core       jobs, immutable model snapshots, idempotency, admission (no grpc)
+  strategies fedasync / fedbuff / fedavg math on numpy arrays (no grpc)
+  staleness  the staleness functions s(tau)
+"""
+
+from server.config import JobConfig, ServerConfig, StalenessConfig, StrategyConfig
+from server.core import AggregationCore, Job, ModelSnapshot, PushOutcome, Update, UpdateHeader
+from server.errors import (
+    ConfigError,
+    InvalidUpdate,
+    JobNotFound,
+    LimitExceeded,
+    PreconditionFailed,
+    ServerError,
+)
+
+__all__ = [
+    "AggregationCore",
+    "ConfigError",
+    "InvalidUpdate",
+    "Job",
+    "JobConfig",
+    "JobNotFound",
+    "LimitExceeded",
+    "ModelSnapshot",
+    "PreconditionFailed",
+    "PushOutcome",
+    "ServerConfig",
+    "ServerError",
+    "StalenessConfig",
+    "StrategyConfig",
+    "Update",
+    "UpdateHeader",
+]

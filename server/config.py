@@ -1,0 +1,225 @@
+"""Server configuration: frozen dataclasses that validate themselves.
+
+Built once, from `tributary server` flags or a TOML file (both go through
+`ServerConfig.from_mapping`, so they accept the same keys), and passed down.
+Every error names the bad key or value and what would be accepted.
+
+TOML layout (job keys are flat, like the CLI flags):
+
+    address = "127.0.0.1:50051"
+    max_workers = 64
+
+    [[jobs]]
+    id = "default"
+    initial_model = "model.safetensors"
+    strategy = "fedbuff"        # fedasync | fedbuff | fedavg
+    buffer_size = 10
+    staleness = "polynomial"    # constant | polynomial | hinge
+    staleness_a = 0.5
+    max_staleness = 50
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from server import staleness as staleness_functions
+from server.errors import ConfigError
+
+STRATEGIES = ("fedasync", "fedbuff", "fedavg")
+STALENESS_KINDS = ("constant", "polynomial", "hinge")
+NORMALIZERS = ("count", "weight_sum")
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class StalenessConfig:
+    """s(tau): constant 1; polynomial (1+tau)^-a; hinge 1 if tau<=b else 1/(a(tau-b)+1)."""
+
+    kind: str = "polynomial"
+    a: float = 0.5
+    b: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in STALENESS_KINDS:
+            raise ConfigError(f"staleness must be one of {', '.join(STALENESS_KINDS)}, got {self.kind!r}")
+        if self.kind in ("polynomial", "hinge"):
+            _positive("staleness_a", self.a)
+        if self.kind == "hinge" and not (math.isfinite(self.b) and self.b >= 0):
+            raise ConfigError(f"staleness_b must be >= 0, got {self.b!r}")
+
+    def function(self) -> Callable[[int], float]:
+        if self.kind == "constant":
+            return staleness_functions.constant
+        if self.kind == "polynomial":
+            return partial(staleness_functions.polynomial, a=self.a)
+        return partial(staleness_functions.hinge, a=self.a, b=self.b)
+
+    def describe(self) -> str:
+        if self.kind == "constant":
+            return "constant"
+        if self.kind == "polynomial":
+            return f"polynomial(a={self.a:g})"
+        return f"hinge(a={self.a:g}, b={self.b:g})"
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Which aggregation rule a job runs, with its parameters.
+
+    fedasync: x <- x + alpha * s(tau) * delta on each arrival.
+    fedbuff:  buffer `buffer_size` updates with w_i = s(tau_i) (* n_i when
+              weight_by_samples), then x <- x + server_lr * sum(w_i delta_i) / N,
+              N = buffer_size ("count", the FedBuff paper) or sum(w_i) ("weight_sum").
+    fedavg:   synchronous rounds: `clients_per_round` distinct clients push a
+              delta on the round's version; x <- x + server_lr * sum(n_i delta_i) / sum(n_i).
+    """
+
+    name: str = "fedbuff"
+    alpha: float = 0.6
+    buffer_size: int = 10
+    server_lr: float = 1.0
+    weight_by_samples: bool = False
+    normalizer: str = "count"
+    clients_per_round: int = 4
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.name!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha <= 1):
+            raise ConfigError(f"alpha must be in (0, 1], got {self.alpha!r}")
+        _positive("server_lr", self.server_lr)
+        for name in ("buffer_size", "clients_per_round"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.normalizer not in NORMALIZERS:
+            raise ConfigError(f"normalizer must be one of {', '.join(NORMALIZERS)}, got {self.normalizer!r}")
+        if self.name == "fedbuff" and self.weight_by_samples and self.normalizer == "count":
+            raise ConfigError(
+                "weight_by_samples with normalizer='count' scales the step by the sample count; "
+                "use normalizer='weight_sum' with weight_by_samples"
+            )
+
+    @property
+    def synchronous(self) -> bool:
+        return self.name == "fedavg"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    job_id: str = "default"
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    max_staleness: int | None = None
+    """Updates more than this many versions stale are rejected; None: no bound."""
+    max_update_bytes: int = 2 << 30
+    """Largest update payload accepted (RESOURCE_EXHAUSTED above it)."""
+    idempotency_window: int = 100_000
+    """How many recent idempotency keys (and their acks) a job remembers."""
+    initial_model: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
+            raise ConfigError(
+                f"job id {self.job_id!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+            )
+        if self.max_staleness is not None and not (isinstance(self.max_staleness, int) and self.max_staleness >= 0):
+            raise ConfigError(f"max_staleness must be an integer >= 0, got {self.max_staleness!r}")
+        for name in ("max_update_bytes", "idempotency_window"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> JobConfig:
+        """Build from flat keys (TOML `[[jobs]]` table or CLI flags)."""
+        strategy_keys = {f.name for f in fields(StrategyConfig)} - {"name"}
+        values = dict(values)
+        job: dict[str, Any] = {}
+        strategy: dict[str, Any] = {}
+        staleness: dict[str, Any] = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key == "id":
+                job["job_id"] = value
+            elif key == "strategy":
+                strategy["name"] = value
+            elif key in strategy_keys:
+                strategy[key] = value
+            elif key == "staleness":
+                staleness["kind"] = value
+            elif key in ("staleness_a", "staleness_b"):
+                staleness[key.removeprefix("staleness_")] = float(value)
+            elif key in ("max_staleness", "max_update_bytes", "idempotency_window"):
+                job[key] = value
+            elif key == "initial_model":
+                job[key] = Path(value)
+            else:
+                raise ConfigError(f"unknown job setting {key!r}")
+        return cls(strategy=StrategyConfig(**strategy), staleness=StalenessConfig(**staleness), **job)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: str = "127.0.0.1:50051"
+    """host:port to listen on; port 0 picks a free one (the bound port is reported)."""
+    max_workers: int = 64
+    """Threads serving RPCs; each open stream (push, pull, long-poll) holds one."""
+    jobs: tuple[JobConfig, ...] = (JobConfig(),)
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"address must be host:port, got {self.address!r}")
+        if not (isinstance(self.max_workers, int) and self.max_workers >= 2):
+            raise ConfigError(f"max_workers must be an integer >= 2, got {self.max_workers!r}")
+        if not self.jobs:
+            raise ConfigError("the server needs at least one job")
+        ids = [job.job_id for job in self.jobs]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ConfigError(f"job ids must be unique; repeated: {', '.join(duplicates)}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ServerConfig:
+        values = dict(values)
+        jobs = values.pop("jobs", None)
+        unknown = set(values) - {"address", "max_workers"}
+        if unknown:
+            raise ConfigError(f"unknown server setting(s): {', '.join(sorted(unknown))}")
+        if jobs is None:
+            jobs = [{}]
+        if not isinstance(jobs, list):
+            raise ConfigError("jobs must be a list of tables ([[jobs]] in TOML)")
+        return cls(
+            **{k: v for k, v in values.items() if v is not None},
+            jobs=tuple(JobConfig.from_mapping(job) for job in jobs),
+        )
+
+    @classmethod
+    def from_toml(cls, path: Path) -> ServerConfig:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
+        base = Path(path).resolve().parent
+        for job in values.get("jobs", []) if isinstance(values.get("jobs"), list) else []:
+            if isinstance(job, dict) and "initial_model" in job:
+                job["initial_model"] = base / job["initial_model"]
+        return cls.from_mapping(values)

@@ -1,0 +1,311 @@
+"""Jobs, immutable model snapshots and update admission. No gRPC here.
+
+A `Job` holds the current `ModelSnapshot` and a strategy. Pushing is two steps
+so that bad updates are refused before their payload is read:
+
+  admit(header)   checks the header against the model and the job's rules
+                  (names, shapes, dtypes, size, version, staleness, idempotency)
+  submit(update)  checks the values (NaN/Inf) outside the lock, then under the
+                  lock re-checks what may have moved while the payload streamed
+                  in (version, staleness, the idempotency key), hands the update
+                  to the strategy and, if the strategy returns a new model,
+                  publishes it as the next snapshot.
+
+Snapshots are never modified after they are built: a puller holds a reference
+to one and streams it while new versions are published beside it, so a pull
+never waits for, nor sees, a half-applied aggregate.
+
+Lock order: Job._lock only; nothing is called out of the job while holding it.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from proto.tensors import CHUNK_BYTES, TensorSpec, specs_of
+from server.config import JobConfig, ServerConfig
+from server.errors import (
+    IdempotencyConflict,
+    InvalidUpdate,
+    JobNotFound,
+    LimitExceeded,
+    StaleUpdate,
+    UnknownVersion,
+)
+from server.strategies import Strategy, build_strategy
+
+_FLOAT_KINDS = "f"
+
+
+class ModelSnapshot:
+    """One published version: tensors laid out back to back in a single
+    read-only buffer, which is exactly the payload a pull streams."""
+
+    def __init__(self, version: int, specs: Sequence[TensorSpec], tensors: Mapping[str, np.ndarray]) -> None:
+        self.version = version
+        self.specs = tuple(specs)
+        self.created_at = time.time()
+        buffer = np.empty(sum(s.nbytes for s in self.specs), dtype=np.uint8)
+        views: dict[str, np.ndarray] = {}
+        offset = 0
+        for spec in self.specs:
+            view = buffer[offset : offset + spec.nbytes].view(spec.dtype).reshape(spec.shape)
+            view[...] = tensors[spec.name]
+            views[spec.name] = view
+            offset += spec.nbytes
+        buffer.flags.writeable = False
+        for view in views.values():
+            view.flags.writeable = False
+        self._payload = memoryview(buffer).cast("B")
+        self.tensors: Mapping[str, np.ndarray] = views
+
+    @property
+    def payload_bytes(self) -> int:
+        return len(self._payload)
+
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        for start in range(0, len(self._payload), chunk_bytes):
+            yield bytes(self._payload[start : start + chunk_bytes])
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    job_id: str
+    client_id: str
+    idempotency_key: str
+    base_version: int
+    num_samples: int
+    specs: tuple[TensorSpec, ...]
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+@dataclass(frozen=True)
+class Update:
+    header: UpdateHeader
+    delta: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    version_at_arrival: int
+    staleness: int
+    staleness_weight: float
+    version_after: int
+    duplicate: bool = False
+
+
+@dataclass
+class JobStats:
+    updates_accepted: int = 0
+    duplicates: int = 0
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    staleness: collections.Counter[int] = field(default_factory=collections.Counter)
+    updates_per_client: collections.Counter[str] = field(default_factory=collections.Counter)
+    versions: list[tuple[int, float]] = field(default_factory=list)
+    """(version, unix time published) for every version, the initial one included."""
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    client_id: str
+    base_version: int
+    outcome: PushOutcome
+
+
+class Job:
+    def __init__(self, config: JobConfig, initial: Mapping[str, np.ndarray]) -> None:
+        if not initial:
+            raise ValueError(f"job {config.job_id!r}: the initial model has no tensors")
+        for name, array in initial.items():
+            if array.dtype.kind not in _FLOAT_KINDS:
+                raise ValueError(
+                    f"job {config.job_id!r}: initial model tensor {name!r} is {array.dtype.name}; only "
+                    "floating-point tensors are aggregated (keep integer buffers on the client)"
+                )
+            if not np.isfinite(array).all():
+                raise ValueError(f"job {config.job_id!r}: initial model tensor {name!r} holds NaN or Inf")
+        self.config = config
+        self.specs = tuple(specs_of(initial))
+        self._spec_by_name = {s.name: s for s in self.specs}
+        self._staleness_fn: Callable[[int], float] = config.staleness.function()
+        self._strategy: Strategy = build_strategy(config.strategy)
+        self._lock = threading.Lock()
+        self._version_changed = threading.Condition(self._lock)
+        self._current = ModelSnapshot(0, self.specs, initial)
+        self._acks: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
+        self.stats = JobStats(versions=[(0, self._current.created_at)])
+
+    @property
+    def job_id(self) -> str:
+        return self.config.job_id
+
+    @property
+    def synchronous(self) -> bool:
+        return self._strategy.synchronous
+
+    def snapshot(self) -> ModelSnapshot:
+        with self._lock:
+            return self._current
+
+    def wait_for_version(self, min_version: int, timeout_s: float) -> ModelSnapshot:
+        """The current snapshot once its version is >= min_version, or the
+        current one when `timeout_s` passes first."""
+        with self._version_changed:
+            self._version_changed.wait_for(lambda: self._current.version >= min_version, timeout=timeout_s)
+            return self._current
+
+    def note_rejection(self, reason: str) -> None:
+        with self._lock:
+            self.stats.rejected[reason] += 1
+
+    # -- pushing ---------------------------------------------------------------
+
+    def admit(self, header: UpdateHeader) -> PushOutcome | None:
+        """Refuse a bad header before its payload is read. Returns the stored
+        ack when the idempotency key was seen before (the update is not read
+        again); None when the payload should be received."""
+        self._check_header_fields(header)
+        self._check_layout(header.specs)
+        if header.payload_bytes > self.config.max_update_bytes:
+            raise LimitExceeded(
+                f"update of {header.payload_bytes} bytes exceeds this job's max_update_bytes="
+                f"{self.config.max_update_bytes}"
+            )
+        with self._lock:
+            remembered = self._recall(header)
+            if remembered is not None:
+                return remembered
+            self._check_version(header)
+        return None
+
+    def submit(self, update: Update) -> PushOutcome:
+        header = update.header
+        for name, tensor in update.delta.items():
+            if not np.isfinite(tensor).all():
+                raise InvalidUpdate(f"tensor {name!r} of the update holds NaN or Inf values; nothing was applied")
+        with self._lock:
+            remembered = self._recall(header)
+            if remembered is not None:
+                return remembered
+            version, staleness = self._check_version(header)
+            weight = self._staleness_fn(staleness)
+            new_params = self._strategy.take(
+                self._current.tensors,
+                update.delta,
+                staleness_weight=weight,
+                num_samples=header.num_samples,
+                client_id=header.client_id,
+            )
+            if new_params is not None:
+                self._publish(new_params)
+            outcome = PushOutcome(version, staleness, weight, self._current.version)
+            self._remember(header, outcome)
+            self.stats.updates_accepted += 1
+            self.stats.staleness[staleness] += 1
+            self.stats.updates_per_client[header.client_id] += 1
+            return outcome
+
+    @property
+    def pending_updates(self) -> int:
+        with self._lock:
+            return self._strategy.pending
+
+    def _check_header_fields(self, header: UpdateHeader) -> None:
+        if not header.client_id:
+            raise InvalidUpdate("client_id is empty; every push names the client that made it")
+        if not header.idempotency_key:
+            raise InvalidUpdate("idempotency_key is empty; give each update a unique key and reuse it on retries")
+        if header.num_samples < 1:
+            raise InvalidUpdate("num_samples must be >= 1 (the number of examples the update was trained on)")
+
+    def _check_layout(self, specs: Sequence[TensorSpec]) -> None:
+        names = [s.name for s in specs]
+        unknown = [n for n in names if n not in self._spec_by_name]
+        if unknown:
+            raise InvalidUpdate(f"unknown tensor name(s) {unknown}; this job's model has {list(self._spec_by_name)}")
+        missing = [n for n in self._spec_by_name if n not in names]
+        if missing:
+            raise InvalidUpdate(f"update lacks tensor(s) {missing}; send a delta for every tensor of the model")
+        if names != [s.name for s in self.specs]:
+            raise InvalidUpdate("tensors are out of order; send them in the model's order (as pulled)")
+        for spec in specs:
+            expected = self._spec_by_name[spec.name]
+            if spec.shape != expected.shape:
+                raise InvalidUpdate(
+                    f"tensor {spec.name!r} has shape {list(spec.shape)}, the model's is {list(expected.shape)}"
+                )
+            if spec.dtype != expected.dtype:
+                raise InvalidUpdate(
+                    f"tensor {spec.name!r} has dtype {spec.dtype.name}, the model's is {expected.dtype.name}"
+                )
+
+    def _check_version(self, header: UpdateHeader) -> tuple[int, int]:
+        """(current version, staleness) or raise; call with the lock held."""
+        version = self._current.version
+        if header.base_version > version:
+            raise UnknownVersion(
+                f"base version {header.base_version} was never published by job {self.job_id!r} "
+                f"(latest is {version}); compute the delta against a pulled model"
+            )
+        staleness = version - header.base_version
+        limit = self.config.max_staleness
+        if limit is not None and staleness > limit:
+            raise StaleUpdate(staleness, limit)
+        self._strategy.admit(header.client_id, header.base_version, version)
+        return version, staleness
+
+    def _recall(self, header: UpdateHeader) -> PushOutcome | None:
+        remembered = self._acks.get(header.idempotency_key)
+        if remembered is None:
+            return None
+        if remembered.client_id != header.client_id or remembered.base_version != header.base_version:
+            raise IdempotencyConflict(
+                f"idempotency key {header.idempotency_key!r} was already used for another update; "
+                "use a fresh key for each new update"
+            )
+        self._acks.move_to_end(header.idempotency_key)
+        self.stats.duplicates += 1
+        first = remembered.outcome
+        return PushOutcome(first.version_at_arrival, first.staleness, first.staleness_weight, first.version_after, duplicate=True)
+
+    def _remember(self, header: UpdateHeader, outcome: PushOutcome) -> None:
+        self._acks[header.idempotency_key] = _Remembered(header.client_id, header.base_version, outcome)
+        while len(self._acks) > self.config.idempotency_window:
+            self._acks.popitem(last=False)
+
+    def _publish(self, params: Mapping[str, np.ndarray]) -> None:
+        self._current = ModelSnapshot(self._current.version + 1, self.specs, params)
+        self.stats.versions.append((self._current.version, self._current.created_at))
+        self._version_changed.notify_all()
+
+
+class AggregationCore:
+    """The jobs a server runs, by id."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self._jobs = {job.job_id: job for job in jobs}
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, initial_models: Mapping[str, Mapping[str, np.ndarray]]) -> AggregationCore:
+        return cls([Job(job, initial_models[job.job_id]) for job in config.jobs])
+
+    def job(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise JobNotFound(
+                f"no job {job_id!r} on this server; it runs: {', '.join(sorted(self._jobs))}"
+            ) from None
+
+    @property
+    def jobs(self) -> Mapping[str, Job]:
+        return self._jobs

@@ -1,0 +1,63 @@
+"""What can go wrong on the server, by whose fault it is.
+
+    ServerError                  a request the server refuses; nothing changed
+    +-- InvalidUpdate            the peer sent bad data (names, shapes, NaN, stream)
+    +-- JobNotFound              the peer named a job this server does not run
+    +-- PreconditionFailed       well-formed, but not acceptable now
+    |   +-- StaleUpdate          staleness above max_staleness
+    |   +-- UnknownVersion       base version the server never published
+    |   +-- RoundClosed          fedavg: the round this update was for is over
+    +-- LimitExceeded            over a configured size limit
+    +-- IdempotencyConflict      key reused for a different update
+
+    ConfigError (ValueError)     bad configuration, raised at start-up
+
+None of these imports grpc: `server.servicer` maps them to status codes in one table.
+"""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base of every refusal; the message is shown to the client as is."""
+
+
+class InvalidUpdate(ServerError):
+    pass
+
+
+class JobNotFound(ServerError):
+    pass
+
+
+class PreconditionFailed(ServerError):
+    pass
+
+
+class StaleUpdate(PreconditionFailed):
+    def __init__(self, staleness: int, max_staleness: int) -> None:
+        super().__init__(
+            f"update is {staleness} versions stale, above max_staleness={max_staleness}; "
+            "pull the current model and train again"
+        )
+        self.staleness = staleness
+
+
+class UnknownVersion(PreconditionFailed):
+    pass
+
+
+class RoundClosed(PreconditionFailed):
+    pass
+
+
+class LimitExceeded(ServerError):
+    pass
+
+
+class IdempotencyConflict(InvalidUpdate):
+    pass
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names it."""

@@ -1,0 +1,126 @@
+"""The gRPC layer: messages in, core calls, status codes out. Nothing else.
+
+`_STATUS_BY_ERROR` is the one table that turns the server's exceptions into
+gRPC status codes; the message is passed through for the person reading it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+
+from proto import tributary_pb2 as pb
+from proto import tributary_pb2_grpc as pb_grpc
+from proto.tensors import MalformedPayload, PayloadAssembler, header_to_pb, specs_from_pb
+from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader
+from server.errors import InvalidUpdate, JobNotFound, LimitExceeded, PreconditionFailed, ServerError
+
+_STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (MalformedPayload, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidUpdate, grpc.StatusCode.INVALID_ARGUMENT),
+    (JobNotFound, grpc.StatusCode.NOT_FOUND),
+    (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+_STRATEGY_KIND = {
+    "fedasync": pb.STRATEGY_KIND_FEDASYNC,
+    "fedbuff": pb.STRATEGY_KIND_FEDBUFF,
+    "fedavg": pb.STRATEGY_KIND_FEDAVG,
+}
+MAX_LONG_POLL_S = 60.0
+MAX_ID_LENGTH = 128
+
+
+class TributaryServicer(pb_grpc.TributaryServicer):
+    def __init__(self, core: AggregationCore) -> None:
+        self._core = core
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
+        with _status_on_error(context):
+            job = self._core.job(request.job_id)
+            snapshot = job.snapshot()
+            return pb.JobInfo(
+                job_id=job.job_id,
+                strategy=_STRATEGY_KIND[job.config.strategy.name],  # type: ignore[arg-type]
+                synchronous=job.synchronous,
+                version=snapshot.version,
+                model=header_to_pb(job.specs),
+                max_staleness=job.config.max_staleness or 0,
+                updates_accepted=job.stats.updates_accepted,
+                max_update_bytes=job.config.max_update_bytes,
+            )
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
+        with _status_on_error(context):
+            job = self._core.job(request.job_id)
+            if request.min_version > 0:
+                timeout = min(request.wait_timeout_ms / 1000.0, MAX_LONG_POLL_S)
+                snapshot = job.wait_for_version(request.min_version, timeout)
+            else:
+                snapshot = job.snapshot()
+            header = pb.ModelHeader(job_id=job.job_id, version=snapshot.version, header=header_to_pb(snapshot.specs))
+        yield pb.PullResponse(model=header)
+        for data in snapshot.chunks():
+            yield pb.PullResponse(chunk=pb.Chunk(data=data))
+
+    def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushAck:
+        job: Job | None = None
+        with _status_on_error(context, lambda reason: job.note_rejection(reason) if job else None):
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("kind") != "update":
+                raise InvalidUpdate("a push stream must start with an `update` header message")
+            message = first.update
+            _check_id("client_id", message.client_id)
+            _check_id("idempotency_key", message.idempotency_key)
+            job = self._core.job(message.job_id)
+            specs = specs_from_pb(message.header)
+            header = UpdateHeader(
+                job_id=message.job_id,
+                client_id=message.client_id,
+                idempotency_key=message.idempotency_key,
+                base_version=message.base_version,
+                num_samples=message.num_samples,
+                specs=tuple(specs),
+            )
+            stored = job.admit(header)
+            if stored is not None:
+                return _ack(job.job_id, stored)
+            assembler = PayloadAssembler(specs)
+            for request in request_iterator:
+                if request.WhichOneof("kind") != "chunk":
+                    raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
+                assembler.add(request.chunk.data)
+            outcome = job.submit(Update(header, assembler.finish()))
+            return _ack(job.job_id, outcome)
+        raise AssertionError("unreachable: _status_on_error aborts")  # pragma: no cover
+
+
+def _check_id(field: str, value: str) -> None:
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidUpdate(f"{field} is {len(value)} characters long; at most {MAX_ID_LENGTH} are accepted")
+
+
+def _ack(job_id: str, outcome: PushOutcome) -> pb.PushAck:
+    return pb.PushAck(
+        job_id=job_id,
+        version_at_arrival=outcome.version_at_arrival,
+        staleness=outcome.staleness,
+        staleness_weight=outcome.staleness_weight,
+        version_after=outcome.version_after,
+        duplicate=outcome.duplicate,
+    )
+
+
+@contextlib.contextmanager
+def _status_on_error(context: grpc.ServicerContext, on_reject=None) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    try:
+        yield
+    except (ServerError, MalformedPayload) as error:
+        for error_type, code in _STATUS_BY_ERROR:
+            if isinstance(error, error_type):
+                if on_reject is not None:
+                    on_reject(type(error).__name__)
+                context.abort(code, str(error))
+        raise  # a ServerError subclass missing from the table is our bug: surface it as UNKNOWN
