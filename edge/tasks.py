@@ -1,0 +1,148 @@
+"""Built-in task: handwritten digits (scikit-learn's bundled 8x8 digits, no
+download) with a small CNN, non-IID client shards and emulated slow devices.
+
+Used by `tributary client --task digits` and `tributary demo`; everything is
+seeded, so the same seed gives the same split, shards and initial model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from client_sdk import TrainFn
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    x_train: np.ndarray  # float32, (n, 1, 8, 8), scaled to [0, 1]
+    y_train: np.ndarray  # int64, (n,)
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> DigitsSplit:
+    """A stratified train/test split of the 1,797 digits (the test set stays on
+    whoever evaluates; clients only see their shard of the train set)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    return DigitsSplit(x_train, y_train, x_test, y_test)
+
+
+def dirichlet_shards(labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_size: int = 10) -> list[np.ndarray]:
+    """Label-skewed shards: for each class, split its examples among clients in
+    proportions drawn from Dirichlet(alpha) (small alpha: each client sees few
+    classes). Redraws until every client has at least `min_size` examples."""
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if len(labels) < num_clients * min_size:
+        raise ValueError(f"{len(labels)} examples cannot give {num_clients} clients {min_size} each")
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        shards: list[list[int]] = [[] for _ in range(num_clients)]
+        for label in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == label))
+            cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha))) * len(members)).astype(int)[:-1]
+            for client, part in enumerate(np.split(members, cuts)):
+                shards[client].extend(part.tolist())
+        if min(len(s) for s in shards) >= min_size:
+            return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
+    raise ValueError(f"could not draw {num_clients} shards of >= {min_size} examples with alpha={alpha}")
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 convolutions, one pooling, two dense layers: 85,066 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(seed: int = 0) -> DigitsCNN:
+    torch.manual_seed(seed)
+    return DigitsCNN()
+
+
+def initial_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    return {name: t.detach().numpy().copy() for name, t in build_model(seed).state_dict().items()}
+
+
+def make_train_fn(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    seed: int = 0,
+    round_seconds: float = 0.0,
+) -> TrainFn:
+    """A `TrainFn` for the SDK's loop: `epochs` passes of SGD over (x, y).
+
+    `round_seconds` pads each call to at least that long, emulating a device
+    slower than this machine (the padding sleeps, so emulated devices do not
+    steal CPU from each other). A fresh optimizer per round: momentum does not
+    carry across model versions it was not computed on.
+    """
+    features = torch.from_numpy(x)
+    targets = torch.from_numpy(y)
+    generator = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train(model: nn.Module, device: torch.device) -> int:
+        started = time.monotonic()
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        for _ in range(epochs):
+            order = torch.randperm(len(features), generator=generator)
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                optimizer.zero_grad()
+                loss = loss_fn(model(features[batch].to(device)), targets[batch].to(device))
+                loss.backward()
+                optimizer.step()
+        pad = round_seconds - (time.monotonic() - started)
+        if pad > 0:
+            time.sleep(pad)
+        return len(features) * epochs
+
+    return train
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    model.eval()
+    predictions = model(torch.from_numpy(x)).argmax(dim=1).numpy()
+    return float((predictions == y).mean())
+
+
+def accuracy_of_weights(weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    model = DigitsCNN()
+    model.load_state_dict({name: torch.from_numpy(np.array(w)) for name, w in weights.items()})
+    return accuracy(model, x, y)
+
+
+def shard_summary(shards: Sequence[np.ndarray], labels: np.ndarray) -> list[dict[int, int]]:
+    return [{int(k): int(v) for k, v in zip(*np.unique(labels[s], return_counts=True))} for s in shards]

@@ -1,0 +1,43 @@
+"""Shared fixtures: real servers on loopback port 0, small deterministic models."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+import pytest
+
+from server import JobConfig, ServerConfig
+from server.app import RunningServer, running_server
+
+
+def small_model(seed: int = 0) -> dict[str, np.ndarray]:
+    """Two float32 tensors in a fixed order, values from a seeded generator."""
+    rng = np.random.default_rng(seed)
+    return {
+        "layer.weight": rng.standard_normal((4, 3)).astype(np.float32),
+        "layer.bias": rng.standard_normal(4).astype(np.float32),
+    }
+
+
+ServeFn = Callable[..., "contextlib.AbstractContextManager[RunningServer]"]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RunningServer]]:
+    """serve(*job_configs, models={job_id: tensors}) -> RunningServer on 127.0.0.1:0.
+
+    Jobs default to one fedbuff job named "default" serving `small_model()`.
+    Servers are stopped when the test ends.
+    """
+    stack = contextlib.ExitStack()
+
+    def start(*jobs: JobConfig, models: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> RunningServer:
+        jobs = jobs or (JobConfig(),)
+        config = ServerConfig(address="127.0.0.1:0", jobs=tuple(jobs))
+        models = models or {job.job_id: small_model() for job in jobs}
+        return stack.enter_context(running_server(config, models, grace_s=0.5))
+
+    with stack:
+        yield start

@@ -1,0 +1,58 @@
+"""`tributary client`: train a built-in task against a server."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import click
+
+
+def run_client(options: dict[str, Any]) -> None:
+    if options["updates"] is None and options["duration"] is None:
+        raise click.UsageError("give --updates N or --duration SECONDS")
+    if not 0 <= options["shard"] < options["num_shards"]:
+        raise click.BadParameter(f"shard {options['shard']} is not in [0, {options['num_shards']})", param_hint="--shard")
+    for name in ("epochs", "batch_size"):
+        if options[name] < 1:
+            raise click.BadParameter(f"must be >= 1, got {options[name]}", param_hint="--" + name.replace("_", "-"))
+    if options["lr"] <= 0:
+        raise click.BadParameter(f"must be > 0, got {options['lr']}", param_hint="--lr")
+
+    import torch
+
+    from client_sdk import Client, TributaryError
+    from edge.tasks import build_model, dirichlet_shards, load_digits_split, make_train_fn
+
+    torch.set_num_threads(1)  # many clients share few cores; one thread each avoids oversubscription
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    data = load_digits_split(options["seed"])
+    try:
+        shard = dirichlet_shards(data.y_train, options["num_shards"], options["dirichlet_alpha"], options["seed"])[options["shard"]]
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    train = make_train_fn(
+        data.x_train[shard],
+        data.y_train[shard],
+        epochs=options["epochs"],
+        batch_size=options["batch_size"],
+        lr=options["lr"],
+        seed=options["seed"] * 1000 + options["shard"],
+        round_seconds=options["round_seconds"],
+    )
+    model = build_model(options["seed"])
+    try:
+        with Client(options["address"], job=options["job"], client_id=options["client_id"]) as client:
+            summary = client.fit(model, train, updates=options["updates"], duration_s=options["duration"], device=options["device"])
+    except KeyboardInterrupt:
+        return
+    except TributaryError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(
+        f"client {client.client_id}: {summary.updates_pushed} updates accepted, {summary.updates_refused} refused, "
+        f"last version {summary.last_version}, {summary.seconds:.1f}s"
+    )
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

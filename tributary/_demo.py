@@ -1,0 +1,187 @@
+"""`tributary demo`: a whole asynchronous federation on this machine.
+
+A server on loopback (in this process), a fleet of `tributary client`
+processes holding non-IID shards of the digits data with emulated device
+speeds (some several times slower than others), fedbuff aggregation, live
+progress, and a results folder. Exits non-zero when the target accuracy was
+not reached within the time limit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+FAST_ROUND_S = 0.3
+SPEED_FACTORS = (1.0, 1.0, 1.5, 2.0, 3.0, 5.0)
+"""Each client's local round takes at least FAST_ROUND_S times its factor:
+the slowest emulated devices are 5x slower than the fastest."""
+
+
+@dataclass
+class History:
+    started: float
+    points: list[dict[str, float]] = field(default_factory=list)
+
+    def add(self, version: int, accuracy: float) -> None:
+        self.points.append({"seconds": round(time.monotonic() - self.started, 3), "version": version, "accuracy": accuracy})
+
+
+def run_demo(options: dict[str, Any]) -> None:
+    _validate(options)
+    import numpy as np
+    import torch
+
+    from edge.tasks import DigitsCNN, accuracy, initial_weights, load_digits_split
+    from server import JobConfig, ServerConfig, StrategyConfig
+    from server.app import running_server
+    from server.models import save_model
+
+    started = time.monotonic()
+    torch.set_num_threads(1)
+    console = Console(stderr=False)
+    run_dir = options["out_dir"] / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed = options["seed"]
+    data = load_digits_split(seed)
+    strategy = StrategyConfig(name=options["strategy"], buffer_size=options["buffer_size"], clients_per_round=options["clients"])
+    config = ServerConfig(address="127.0.0.1:0", jobs=(JobConfig(job_id="digits", strategy=strategy),))
+    eval_model = DigitsCNN()
+
+    def evaluate(tensors: Any) -> float:
+        eval_model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+        return accuracy(eval_model, data.x_test, data.y_test)
+
+    with running_server(config, {"digits": initial_weights(seed)}, grace_s=1.0) as running:
+        job = running.core.job("digits")
+        fleet = _start_fleet(running.address, options, run_dir)
+        console.print(
+            f"server on {running.address}: {strategy.name} (K={strategy.buffer_size}), "
+            f"{len(fleet)} clients, round times {', '.join(f'{FAST_ROUND_S * f:.2f}s' for f, _ in fleet)}"
+        )
+        history = History(started)
+        history.add(0, evaluate(job.snapshot().tensors))
+        try:
+            _watch(job, evaluate, history, options, console)
+        finally:
+            _stop_fleet(fleet)
+        final = job.snapshot()
+        final_accuracy = evaluate(final.tensors)
+        wall = time.monotonic() - started
+        stats = job.stats
+        save_model(run_dir / "final_model.safetensors", final.tensors)
+
+    reached = final_accuracy >= options["target_accuracy"] and wall <= options["time_limit"]
+    results = {
+        "strategy": strategy.name,
+        "buffer_size": strategy.buffer_size,
+        "clients": options["clients"],
+        "speed_factors": [f for f, _ in fleet],
+        "final_version": final.version,
+        "final_accuracy": final_accuracy,
+        "target_accuracy": options["target_accuracy"],
+        "reached_target": reached,
+        "wall_seconds": round(wall, 2),
+        "updates_accepted": stats.updates_accepted,
+        "updates_rejected": dict(stats.rejected),
+        "staleness_histogram": {str(k): v for k, v in sorted(stats.staleness.items())},
+        "updates_per_client": dict(stats.updates_per_client),
+        "history": history.points,
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    _print_summary(console, results, run_dir)
+    if not reached:
+        raise click.ClickException(
+            f"test accuracy {final_accuracy:.1%} after {wall:.0f}s: the target was "
+            f"{options['target_accuracy']:.0%} within {options['time_limit']:.0f}s"
+        )
+
+
+def _validate(options: dict[str, Any]) -> None:
+    if options["clients"] < 1:
+        raise click.BadParameter(f"must be >= 1, got {options['clients']}", param_hint="--clients")
+    if options["buffer_size"] < 1:
+        raise click.BadParameter(f"must be >= 1, got {options['buffer_size']}", param_hint="--buffer-size")
+    if options["max_versions"] < 1:
+        raise click.BadParameter(f"must be >= 1, got {options['max_versions']}", param_hint="--max-versions")
+    if options["time_limit"] <= 0:
+        raise click.BadParameter(f"must be > 0, got {options['time_limit']}", param_hint="--time-limit")
+    if not 0 < options["target_accuracy"] <= 1:
+        raise click.BadParameter(f"must be in (0, 1], got {options['target_accuracy']}", param_hint="--target-accuracy")
+
+
+def _start_fleet(address: str, options: dict[str, Any], run_dir: Path) -> list[tuple[float, subprocess.Popen[bytes]]]:
+    fleet = []
+    count = options["clients"]
+    for shard in range(count):
+        factor = SPEED_FACTORS[shard % len(SPEED_FACTORS)]
+        log = open(run_dir / f"client-{shard}.log", "wb")  # noqa: SIM115 - closed with the process
+        command = [
+            sys.executable, "-m", "tributary", "client",
+            "--server", address, "--job", "digits", "--task", "digits",
+            "--shard", str(shard), "--num-shards", str(count),
+            "--dirichlet-alpha", str(options["dirichlet_alpha"]), "--seed", str(options["seed"]),
+            "--duration", str(options["time_limit"]), "--round-seconds", str(FAST_ROUND_S * factor),
+            "--client-id", f"client-{shard}", "--device", "cpu",
+        ]  # fmt: skip
+        fleet.append((factor, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
+    return fleet
+
+
+def _stop_fleet(fleet: list[tuple[float, subprocess.Popen[bytes]]]) -> None:
+    for _, process in fleet:
+        process.terminate()
+    for _, process in fleet:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _watch(job: Any, evaluate: Any, history: History, options: dict[str, Any], console: Console) -> None:
+    """Evaluate each new version until max_versions or the time limit."""
+    max_versions = options["max_versions"]
+    deadline = history.started + options["time_limit"]
+    columns = (
+        TextColumn("[bold]training"),
+        BarColumn(),
+        TextColumn("version {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("accuracy {task.fields[accuracy]:.1%}"),
+        TimeElapsedColumn(),
+    )
+    seen = 0
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("versions", total=max_versions, accuracy=history.points[-1]["accuracy"])
+        while seen < max_versions and time.monotonic() < deadline:
+            snapshot = job.wait_for_version(seen + 1, timeout_s=0.5)
+            if snapshot.version == seen:
+                continue
+            seen = snapshot.version
+            history.add(seen, evaluate(snapshot.tensors))
+            progress.update(task, completed=min(seen, max_versions), accuracy=history.points[-1]["accuracy"])
+
+
+def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> None:
+    table = Table(title="tributary demo", show_header=False)
+    table.add_row("final test accuracy", f"{results['final_accuracy']:.2%} (target {results['target_accuracy']:.0%})")
+    table.add_row("model versions", str(results["final_version"]))
+    table.add_row("updates accepted", str(results["updates_accepted"]))
+    rejected = results["updates_rejected"]
+    table.add_row("updates rejected", ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "0")
+    histogram = results["staleness_histogram"]
+    table.add_row("staleness seen (tau: count)", " ".join(f"{k}:{v}" for k, v in histogram.items()))
+    table.add_row("updates per client", " ".join(f"{k.removeprefix('client-')}:{v}" for k, v in sorted(results["updates_per_client"].items())))
+    table.add_row("wall time", f"{results['wall_seconds']:.1f}s")
+    table.add_row("results", str(run_dir))
+    console.print(table)

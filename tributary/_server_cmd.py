@@ -1,0 +1,71 @@
+"""`tributary server`: build a ServerConfig from flags or TOML, serve until a signal."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from server import ConfigError, ServerConfig
+from server.app import load_initial_models, running_server
+
+_JOB_FLAGS = (
+    "job_id", "initial_model", "task", "strategy", "alpha", "buffer_size", "server_lr", "weight_by_samples",
+    "normalizer", "clients_per_round", "staleness", "staleness_a", "staleness_b", "max_staleness", "max_update_bytes",
+)
+
+
+def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] | None]:
+    """The server config and, with --task, the initial model it names."""
+    config_path: Path | None = options["config_path"]
+    given_job_flags = [f for f in _JOB_FLAGS if options.get(f) is not None]
+    if config_path is not None:
+        if given_job_flags:
+            flags = ", ".join("--" + f.replace("_", "-").replace("job-id", "job") for f in given_job_flags)
+            raise click.UsageError(f"--config sets the jobs; drop {flags} or move them into {config_path}")
+        config = ServerConfig.from_toml(config_path)
+        overrides = {k: options[k] for k in ("address", "max_workers") if options[k] is not None}
+        if overrides:
+            config = ServerConfig(**{"address": config.address, "max_workers": config.max_workers, **overrides}, jobs=config.jobs)
+        return config, None
+    if options["task"] and options["initial_model"]:
+        raise click.UsageError("give --initial-model or --task, not both")
+    if not options["task"] and not options["initial_model"]:
+        raise click.UsageError("the job needs a starting model: --initial-model model.safetensors or --task digits")
+    job = {
+        "id": options["job_id"],
+        "initial_model": options["initial_model"],
+        **{k: options[k] for k in _JOB_FLAGS[3:]},
+    }
+    config = ServerConfig.from_mapping({"address": options["address"], "max_workers": options["max_workers"], "jobs": [job]})
+    models = None
+    if options["task"]:
+        from edge.tasks import initial_weights
+
+        models = {config.jobs[0].job_id: initial_weights(options["seed"])}
+    return config, models
+
+
+def run_server(options: dict[str, Any]) -> None:
+    try:
+        config, models = build_config(options)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        with running_server(config, models if models is not None else load_initial_models(config)) as running:
+            for job in config.jobs:
+                strategy = job.strategy
+                click.echo(
+                    f"job {job.job_id!r}: {strategy.name}, staleness {job.staleness.describe()}, "
+                    f"max_staleness {job.max_staleness if job.max_staleness is not None else 'none'}"
+                )
+            click.echo(f"tributary server listening on {running.address}", nl=True)
+            sys.stdout.flush()
+            stop.wait()
+            click.echo("shutting down")
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error

@@ -1,0 +1,89 @@
+"""Wires the subcommands; each one's work lives in its own module, imported
+only when that subcommand runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+STRATEGIES = ("fedasync", "fedbuff", "fedavg")
+STALENESS = ("constant", "polynomial", "hinge")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="tributary")
+def main() -> None:
+    """Tributary: asynchronous federated learning over gRPC."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="TOML file with the server and its jobs (instead of the job flags below).")
+@click.option("--address", default=None, help="host:port to listen on; port 0 picks a free one.  [default: 127.0.0.1:50051]")
+@click.option("--max-workers", type=int, default=None, help="RPC threads; each open stream holds one.  [default: 64]")
+@click.option("--job", "job_id", default=None, help="Job id clients name.  [default: default]")
+@click.option("--initial-model", type=click.Path(dir_okay=False, path_type=Path), help="Initial model (.safetensors).")
+@click.option("--task", type=click.Choice(["digits"]), help="Start from a fresh model of this built-in task instead of --initial-model.")
+@click.option("--seed", type=int, default=0, help="Seed for --task's initial model.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None, help="Aggregation rule.  [default: fedbuff]")
+@click.option("--alpha", type=float, default=None, help="fedasync mixing weight in (0, 1].  [default: 0.6]")
+@click.option("--buffer-size", type=int, default=None, help="fedbuff: updates per aggregate (K).  [default: 10]")
+@click.option("--server-lr", type=float, default=None, help="fedbuff/fedavg server learning rate.  [default: 1.0]")
+@click.option("--weight-by-samples/--no-weight-by-samples", default=None, help="fedbuff: weight updates by their sample counts too.  [default: no]")
+@click.option("--normalizer", type=click.Choice(["count", "weight_sum"]), default=None, help="fedbuff: divide the buffer by K or by the weight sum.  [default: count]")
+@click.option("--clients-per-round", type=int, default=None, help="fedavg: distinct clients per synchronous round.  [default: 4]")
+@click.option("--staleness", type=click.Choice(STALENESS), default=None, help="Staleness function s(tau).  [default: polynomial]")
+@click.option("--staleness-a", type=float, default=None, help="Exponent of polynomial, slope of hinge.  [default: 0.5]")
+@click.option("--staleness-b", type=float, default=None, help="hinge: staleness up to which updates count fully.  [default: 4]")
+@click.option("--max-staleness", type=int, default=None, help="Reject updates more stale than this.  [default: no bound]")
+@click.option("--max-update-bytes", type=int, default=None, help="Largest update accepted.  [default: 2 GiB]")
+def server(**options: object) -> None:
+    """Run the aggregation server until interrupted (Ctrl-C or SIGTERM)."""
+    from tributary._server_cmd import run_server
+
+    run_server(options)
+
+
+@main.command()
+@click.option("--server", "address", default="127.0.0.1:50051", help="Server host:port.")
+@click.option("--job", default="default", help="Job to join.")
+@click.option("--task", type=click.Choice(["digits"]), default="digits", help="Built-in task to train.")
+@click.option("--shard", type=int, default=0, help="Which shard of the task's training data this client holds.")
+@click.option("--num-shards", type=int, default=1, help="Number of shards the data is cut into.")
+@click.option("--dirichlet-alpha", type=float, default=0.5, help="Label skew of the shards (smaller: more skewed).")
+@click.option("--seed", type=int, default=0, help="Seed of the data split and shards (same for every client).")
+@click.option("--updates", type=int, default=None, help="Stop after this many accepted updates.")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--epochs", type=int, default=1, help="Local epochs per update.")
+@click.option("--lr", type=float, default=0.05, help="Local SGD learning rate.")
+@click.option("--batch-size", type=int, default=32, help="Local batch size.")
+@click.option("--round-seconds", type=float, default=0.0, help="Pad each local round to this long (emulates a slower device).")
+@click.option("--device", default=None, help="torch device (cuda, mps, cpu); default: the best available.")
+@click.option("--client-id", default=None, help="Client id the server sees; default: random.")
+def client(**options: object) -> None:
+    """Join a job and train a built-in task (pull -> train -> push, repeatedly)."""
+    from tributary._client_cmd import run_client
+
+    run_client(options)
+
+
+@main.command()
+@click.option("--clients", type=int, default=8, help="Client processes to start.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="fedbuff", help="Aggregation rule.")
+@click.option("--buffer-size", type=int, default=4, help="fedbuff: updates per aggregate (K).")
+@click.option("--max-versions", type=int, default=150, help="Stop once the server has produced this many model versions.")
+@click.option("--time-limit", type=float, default=120.0, help="Wall-time limit in seconds (exit non-zero if the target is not reached within it).")
+@click.option("--target-accuracy", type=float, default=0.92, help="Test accuracy the run must reach.")
+@click.option("--dirichlet-alpha", type=float, default=0.5, help="Label skew of the client shards.")
+@click.option("--seed", type=int, default=0, help="Seed of data split, shards and initial model.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), help="Where to write the run's results.")
+def demo(**options: object) -> None:
+    """Run a whole federation on this machine: a server, a fleet of clients of
+    mixed speeds on non-IID digits shards, fedbuff; print what happened."""
+    from tributary._demo import run_demo
+
+    run_demo(options)
+
+
+if __name__ == "__main__":
+    main()
