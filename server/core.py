@@ -135,6 +135,12 @@ class Job:
                 raise ValueError(f"job {config.job_id!r}: initial model tensor {name!r} holds NaN or Inf")
         self.config = config
         self.specs = tuple(specs_of(initial))
+        model_bytes = sum(spec.nbytes for spec in self.specs)
+        if model_bytes > config.max_update_bytes:
+            raise ValueError(
+                f"job {config.job_id!r}: the model is {model_bytes} bytes, above max_update_bytes="
+                f"{config.max_update_bytes}, so no update could ever be accepted; raise max_update_bytes"
+            )
         self._spec_by_name = {s.name: s for s in self.specs}
         self._staleness_fn: Callable[[int], float] = config.staleness.function()
         self._strategy: Strategy = build_strategy(config.strategy)
@@ -174,12 +180,12 @@ class Job:
         ack when the idempotency key was seen before (the update is not read
         again); None when the payload should be received."""
         self._check_header_fields(header)
-        self._check_layout(header.specs)
         if header.payload_bytes > self.config.max_update_bytes:
             raise LimitExceeded(
                 f"update of {header.payload_bytes} bytes exceeds this job's max_update_bytes="
                 f"{self.config.max_update_bytes}"
             )
+        self._check_layout(header.specs)
         with self._lock:
             remembered = self._recall(header)
             if remembered is not None:

@@ -1,0 +1,259 @@
+"""Every kind of bad input gets a clear status and message, changes nothing,
+and the server keeps serving. Streams are built by hand with the generated stub
+where the SDK would refuse to produce them."""
+
+from __future__ import annotations
+
+import uuid
+import grpc
+import numpy as np
+import pytest
+
+from client_sdk import Client, JobNotFound, NotAcceptedNow, UpdateRejected
+from proto import tributary_pb2 as pb
+from proto import tributary_pb2_grpc as pb_grpc
+from proto.tensors import header_to_pb, iter_chunks, specs_of
+from server import JobConfig, StrategyConfig
+from server.app import RunningServer
+from tests.conftest import small_model
+
+FEDASYNC = StrategyConfig(name="fedasync", alpha=0.5)
+
+
+def good_delta(scale: float = 0.1) -> dict[str, np.ndarray]:
+    return {name: np.full(t.shape, scale, dtype=t.dtype) for name, t in small_model().items()}
+
+
+def state_of(running: RunningServer, job_id: str = "default") -> tuple[int, int, dict[str, np.ndarray]]:
+    job = running.core.job(job_id)
+    snapshot = job.snapshot()
+    return snapshot.version, job.stats.updates_accepted, {k: v.copy() for k, v in snapshot.tensors.items()}
+
+
+def assert_unchanged(before: tuple[int, int, dict[str, np.ndarray]], running: RunningServer) -> None:
+    version, accepted, tensors = state_of(running)
+    assert (version, accepted) == before[:2]
+    for name, values in before[2].items():
+        np.testing.assert_array_equal(tensors[name], values)
+
+
+def assert_still_serving(running: RunningServer) -> None:
+    """A well-formed push after the bad one is accepted and applied."""
+    with Client(running.address) as client:
+        pulled = client.pull()
+        result = client.push(pulled.version, good_delta(), num_samples=1)
+    assert result.version_after == pulled.version + 1
+
+
+def raw_push(running: RunningServer, messages: list[pb.PushRequest]) -> grpc.RpcError:
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.TributaryStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Push(iter(messages), timeout=10)
+    return caught.value
+
+
+def update_message(tensors: dict[str, np.ndarray], *, base_version: int = 0, job_id: str = "default") -> pb.PushRequest:
+    return pb.PushRequest(
+        update=pb.UpdateHeader(
+            job_id=job_id,
+            client_id="raw",
+            idempotency_key=uuid.uuid4().hex,
+            base_version=base_version,
+            num_samples=1,
+            header=header_to_pb(specs_of(tensors)),
+        )
+    )
+
+
+def chunk_messages(tensors: dict[str, np.ndarray], chunk_bytes: int = 16) -> list[pb.PushRequest]:
+    return [pb.PushRequest(chunk=pb.Chunk(data=c)) for c in iter_chunks(tensors.values(), chunk_bytes)]
+
+
+@pytest.fixture
+def running(serve) -> RunningServer:  # type: ignore[no-untyped-def]
+    return serve(JobConfig(strategy=FEDASYNC, max_staleness=2, max_update_bytes=4096))
+
+
+def check_refused(running: RunningServer, push, error_type: type[Exception], *fragments: str) -> None:  # type: ignore[no-untyped-def]
+    before = state_of(running)
+    with Client(running.address) as client, pytest.raises(error_type) as caught:
+        push(client)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+    assert_unchanged(before, running)
+    assert_still_serving(running)
+
+
+def test_unknown_tensor_name(running: RunningServer) -> None:
+    delta = good_delta() | {"layer.extra": np.zeros(2, np.float32)}
+    check_refused(running, lambda c: c.push(0, delta), UpdateRejected, "unknown tensor name", "layer.extra")
+
+
+def test_missing_tensor(running: RunningServer) -> None:
+    delta = {"layer.weight": good_delta()["layer.weight"]}
+    check_refused(running, lambda c: c.push(0, delta), UpdateRejected, "lacks tensor", "layer.bias")
+
+
+def test_tensors_out_of_order(running: RunningServer) -> None:
+    delta = dict(reversed(list(good_delta().items())))
+    check_refused(running, lambda c: c.push(0, delta), UpdateRejected, "out of order")
+
+
+def test_wrong_shape(running: RunningServer) -> None:
+    delta = good_delta() | {"layer.weight": np.zeros((3, 4), np.float32)}
+    check_refused(running, lambda c: c.push(0, delta), UpdateRejected, "'layer.weight' has shape [3, 4]", "[4, 3]")
+
+
+def test_wrong_dtype(running: RunningServer) -> None:
+    delta = good_delta() | {"layer.bias": np.zeros(4, np.float64)}
+    check_refused(running, lambda c: c.push(0, delta), UpdateRejected, "dtype float64", "float32")
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf(running: RunningServer, bad_value: float) -> None:
+    delta = good_delta()
+    delta["layer.bias"][2] = bad_value
+    check_refused(running, lambda c: c.push(0, delta), UpdateRejected, "'layer.bias'", "NaN or Inf")
+
+
+def test_truncated_stream(running: RunningServer) -> None:
+    before = state_of(running)
+    delta = good_delta()
+    error = raw_push(running, [update_message(delta), *chunk_messages(delta)[:-1]])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "truncated" in error.details()
+    assert_unchanged(before, running)
+    assert_still_serving(running)
+
+
+def test_stream_longer_than_declared(running: RunningServer) -> None:
+    before = state_of(running)
+    delta = good_delta()
+    extra = pb.PushRequest(chunk=pb.Chunk(data=b"\0" * 8))
+    error = raw_push(running, [update_message(delta), *chunk_messages(delta), extra])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than the 64 payload bytes" in error.details()
+    assert_unchanged(before, running)
+    assert_still_serving(running)
+
+
+def test_chunk_over_one_mib(running: RunningServer) -> None:
+    before = state_of(running)
+    delta = good_delta()
+    huge = pb.PushRequest(chunk=pb.Chunk(data=b"\0" * ((1 << 20) + 1)))
+    error = raw_push(running, [update_message(delta), huge])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chunk limit" in error.details()
+    assert_unchanged(before, running)
+    assert_still_serving(running)
+
+
+def test_update_over_size_limit(running: RunningServer) -> None:
+    """A header promising more than max_update_bytes is refused before any payload is read."""
+    before = state_of(running)
+    huge = pb.TensorHeader(
+        tensors=[pb.TensorSpec(name="layer.weight", dtype=pb.DTYPE_FLOAT32, shape=[1 << 20])],
+        payload_bytes=4 << 20,
+    )
+    message = update_message(good_delta())
+    message.update.header.CopyFrom(huge)
+    error = raw_push(running, [message])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "4194304 bytes exceeds this job's max_update_bytes=4096" in error.details()
+    assert_unchanged(before, running)
+    assert_still_serving(running)
+
+
+def test_stream_without_header(running: RunningServer) -> None:
+    before = state_of(running)
+    error = raw_push(running, chunk_messages(good_delta()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must start with an `update` header" in error.details()
+    assert_unchanged(before, running)
+    assert_still_serving(running)
+
+
+def test_second_header_mid_stream(running: RunningServer) -> None:
+    before = state_of(running)
+    delta = good_delta()
+    chunks = chunk_messages(delta)
+    error = raw_push(running, [update_message(delta), chunks[0], update_message(delta), *chunks[1:]])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only `chunk` messages" in error.details()
+    assert_unchanged(before, running)
+    assert_still_serving(running)
+
+
+def test_header_with_inconsistent_size(running: RunningServer) -> None:
+    before = state_of(running)
+    message = update_message(good_delta())
+    message.update.header.payload_bytes += 4
+    error = raw_push(running, [message])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "declares 68 payload bytes but its tensors need 64" in error.details()
+    assert_unchanged(before, running)
+    assert_still_serving(running)
+
+
+def test_unknown_job_push(running: RunningServer) -> None:
+    before = state_of(running)
+    with Client(running.address, job="no-such-job") as client, pytest.raises(JobNotFound) as caught:
+        client.push(0, good_delta())
+    assert "no job 'no-such-job'" in str(caught.value) and "default" in str(caught.value)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert_unchanged(before, running)
+    assert_still_serving(running)
+
+
+def test_unknown_job_pull_and_info(running: RunningServer) -> None:
+    with Client(running.address, job="no-such-job") as client:
+        with pytest.raises(JobNotFound):
+            client.pull()
+        with pytest.raises(JobNotFound):
+            client.job_info()
+    assert_still_serving(running)
+
+
+def test_base_version_never_published(running: RunningServer) -> None:
+    check_refused(running, lambda c: c.push(7, good_delta()), NotAcceptedNow, "base version 7 was never published", "latest is 0")
+
+
+def test_update_past_max_staleness(running: RunningServer) -> None:
+    with Client(running.address) as client:
+        for version in range(3):  # advance the model to version 3 with fresh updates
+            client.push(version, good_delta())
+    check_refused(running, lambda c: c.push(0, good_delta()), NotAcceptedNow, "3 versions stale", "max_staleness=2")
+    assert running.core.job("default").stats.rejected["StaleUpdate"] == 1
+
+
+def test_duplicate_push_counted_once(running: RunningServer) -> None:
+    with Client(running.address) as client:
+        first = client.push(0, good_delta(), idempotency_key="update-1")
+        before = state_of(running)
+        again = client.push(0, good_delta(), idempotency_key="update-1")
+    assert not first.duplicate and again.duplicate
+    assert (again.version_at_arrival, again.staleness, again.version_after) == (
+        first.version_at_arrival,
+        first.staleness,
+        first.version_after,
+    )
+    assert_unchanged(before, running)
+    assert running.core.job("default").stats.duplicates == 1
+    assert_still_serving(running)
+
+
+def test_idempotency_key_reused_by_other_client(running: RunningServer) -> None:
+    with Client(running.address, client_id="a") as client:
+        client.push(0, good_delta(), idempotency_key="shared-key")
+    with Client(running.address, client_id="b") as other:
+        check_refused(running, lambda c: other.push(1, good_delta(), idempotency_key="shared-key"), UpdateRejected, "already used")
+
+
+def test_overlong_client_id(running: RunningServer) -> None:
+    with Client(running.address, client_id="x" * 200) as client:
+        check_refused(running, lambda c: client.push(0, good_delta()), UpdateRejected, "client_id is 200 characters")
+
+
+def test_zero_samples(running: RunningServer) -> None:
+    check_refused(running, lambda c: c.push(0, good_delta(), num_samples=0), UpdateRejected, "num_samples must be >= 1")
