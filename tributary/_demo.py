@@ -183,5 +183,5 @@ def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> 
     table.add_row("staleness seen (tau: count)", " ".join(f"{k}:{v}" for k, v in histogram.items()))
     table.add_row("updates per client", " ".join(f"{k.removeprefix('client-')}:{v}" for k, v in sorted(results["updates_per_client"].items())))
     table.add_row("wall time", f"{results['wall_seconds']:.1f}s")
-    table.add_row("results", str(run_dir))
     console.print(table)
+    console.print(f"results written to {run_dir}/ (results.json, final_model.safetensors, client logs)", soft_wrap=True)

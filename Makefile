@@ -1,0 +1,35 @@
+# Two commands on a fresh machine with Python 3.11:
+#   make demo   sets up .venv and runs `tributary demo`
+#   make test   sets up .venv and runs the whole test suite
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build of torch; a GPU user installs a CUDA build instead (see README).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test bench protos check-protos clean
+
+$(BIN)/tributary: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[torch,dev]"
+	touch $@
+
+demo: $(BIN)/tributary
+	$(BIN)/tributary demo
+
+test: $(BIN)/tributary
+	$(BIN)/python -m pytest -q --durations=10
+
+bench: $(BIN)/tributary
+	$(BIN)/python bench/throughput.py
+
+protos: $(BIN)/tributary
+	$(BIN)/python scripts/gen_protos.py
+
+check-protos: $(BIN)/tributary
+	$(BIN)/python scripts/gen_protos.py --check
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,161 @@
+"""The `tributary` command as a user runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TRIBUTARY = [sys.executable, "-m", "tributary"]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen([*TRIBUTARY, "server", "--address", "127.0.0.1:0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"listening on (\S+)", line)
+        if match:
+            return process, match.group(1)
+    process.kill()
+    raise AssertionError("server did not start:\n" + "".join(lines))
+
+
+def test_server_and_clients_as_processes(tmp_path: Path) -> None:
+    server, address = start_server("--task", "digits", "--strategy", "fedbuff", "--buffer-size", "2", "--max-staleness", "20")
+    try:
+        clients = [
+            subprocess.run(
+                [*TRIBUTARY, "client", "--server", address, "--shard", str(i), "--num-shards", "2", "--updates", "3", "--client-id", f"e2e-{i}"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        for result in clients:
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert re.search(r"3 updates accepted", result.stdout), result.stdout
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=30)
+    assert server.returncode == 0, output
+    assert "shutting down" in output
+
+
+def test_clients_started_before_the_server_connect_when_it_comes_up(tmp_path: Path) -> None:
+    """Retries with backoff: a client whose server is not up yet keeps trying."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = subprocess.Popen(
+        [*TRIBUTARY, "client", "--server", f"127.0.0.1:{port}", "--updates", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    time.sleep(2)
+    server = subprocess.Popen(
+        [*TRIBUTARY, "server", "--address", f"127.0.0.1:{port}", "--task", "digits", "--buffer-size", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        output, _ = client.communicate(timeout=120)
+        assert client.returncode == 0, output
+        assert "2 updates accepted" in output
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "digits", "--buffer-size", "0"], "buffer_size must be an integer >= 1, got 0"),
+        (["--task", "digits", "--alpha", "1.5", "--strategy", "fedasync"], "alpha must be in (0, 1], got 1.5"),
+        (["--task", "digits", "--staleness", "hinge", "--staleness-b", "-1"], "staleness_b must be >= 0"),
+        (["--task", "digits", "--strategy", "fedbuff", "--weight-by-samples"], "use normalizer='weight_sum'"),
+        (["--task", "digits", "--strategy", "magic"], "'magic' is not one of"),
+        (["--initial-model", "/nonexistent/model.safetensors"], "initial model /nonexistent/model.safetensors does not exist"),
+        ([], "the job needs a starting model"),
+        (["--task", "digits", "--job", "bad id!"], "job id 'bad id!' must be"),
+    ],
+)
+def test_bad_server_flags_are_named(args: list[str], message: str) -> None:
+    result = subprocess.run([*TRIBUTARY, "server", "--address", "127.0.0.1:0", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_bad_config_file_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('address = "127.0.0.1:0"\n[[jobs]]\nid = "a"\nstrategy = "fedbuff"\nbufer_size = 3\n')
+    result = subprocess.run([*TRIBUTARY, "server", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "unknown job setting 'bufer_size'" in result.stderr
+
+
+def test_config_file_runs_server(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-c", "from edge.tasks import initial_weights; from server.models import save_model; import sys; save_model(sys.argv[1], initial_weights(0))", str(tmp_path / "model.safetensors")],
+        check=True, timeout=60,
+    )  # fmt: skip
+    (tmp_path / "server.toml").write_text(
+        'address = "127.0.0.1:0"\n[[jobs]]\nid = "digits"\ninitial_model = "model.safetensors"\nstrategy = "fedasync"\nalpha = 0.5\nmax_staleness = 5\n'
+    )
+    server, address = start_server("--config", str(tmp_path / "server.toml"))
+    try:
+        result = subprocess.run(
+            [*TRIBUTARY, "client", "--server", address, "--job", "digits", "--updates", "2"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        missing = subprocess.run(
+            [*TRIBUTARY, "client", "--server", address, "--job", "nope", "--updates", "1"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert missing.returncode != 0
+        assert "no job 'nope'" in missing.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+
+
+def test_bad_client_flags_are_named() -> None:
+    result = subprocess.run([*TRIBUTARY, "client", "--shard", "5", "--num-shards", "2", "--updates", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "shard 5 is not in [0, 2)" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_reaches_target(tmp_path: Path) -> None:
+    """The demo as the README runs it: >= 92% test accuracy, exit 0, results written."""
+    result = subprocess.run([*TRIBUTARY, "demo", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = list(tmp_path.glob("demo-*/results.json"))
+    assert len(runs) == 1
+    results = json.loads(runs[0].read_text())
+    assert results["final_accuracy"] >= 0.92
+    assert results["reached_target"] is True
+    assert results["final_version"] >= 1
+    assert sum(results["staleness_histogram"].values()) == results["updates_accepted"]
+    assert (runs[0].parent / "final_model.safetensors").is_file()
+    assert "final test accuracy" in result.stdout and f"results written to {runs[0].parent}/" in result.stdout
+
+
+def test_demo_fails_loudly_when_target_is_missed(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*TRIBUTARY, "demo", "--out", str(tmp_path), "--clients", "2", "--max-versions", "1", "--target-accuracy", "0.99"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "the target was 99%" in result.stderr
