@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from client_sdk._errors import TRANSIENT_CODES, ProtocolError, ServerUnavailable, TributaryError, translate
+from client_sdk._errors import TRANSIENT_CODES, ProtocolError, ServerUnavailable, TributaryError, status_code, translate
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import (
@@ -219,7 +219,7 @@ class Client:
             try:
                 return call()
             except grpc.RpcError as error:
-                code = error.code() if isinstance(error, grpc.Call) else None
+                code = status_code(error)
                 delay = next(delays, None) if code in TRANSIENT_CODES else None
                 if delay is None:
                     translated = translate(error, f"{doing} on job {self.job!r} at {self.address}")

@@ -65,9 +65,17 @@ TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 """Failures worth retrying: the same request may succeed a moment later."""
 
 
+def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status of a failed call. Duck-typed: what the channel raises (and
+    what an interceptor raises in its place) has code(), not always grpc.Call."""
+    code = getattr(error, "code", None)
+    return code() if callable(code) else None
+
+
 def translate(error: grpc.RpcError, doing: str) -> TributaryError:
-    code = error.code() if isinstance(error, grpc.Call) else None
-    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    code = status_code(error)
+    details_fn = getattr(error, "details", None)
+    details = details_fn() if callable(details_fn) else str(error)
     kind = _BY_CODE.get(code, TributaryError) if code is not None else TributaryError
     translated = kind(f"{doing}: {details}" + (f" ({code.name})" if code is not None else ""))
     translated.code = code
