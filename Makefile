@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # CPU build of torch; a GPU user installs a CUDA build instead (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench protos check-protos clean
+.PHONY: demo test typecheck bench protos check-protos clean
 
 $(BIN)/tributary: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,7 @@ demo: $(BIN)/tributary
 	$(BIN)/tributary demo
 
 test: $(BIN)/tributary
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --durations=10
 
 bench: $(BIN)/tributary

@@ -235,5 +235,6 @@ def _to_numpy(value: Any) -> np.ndarray:
         return value
     detach = getattr(value, "detach", None)
     if detach is not None:  # a torch tensor; torch itself is not needed for the low-level API
-        return detach().cpu().numpy()
+        array: np.ndarray = detach().cpu().numpy()
+        return array
     return np.asarray(value)

@@ -109,7 +109,7 @@ def iter_chunks(arrays: Iterable[np.ndarray], chunk_bytes: int = CHUNK_BYTES) ->
     biases does not turn into many tiny messages."""
     pending = bytearray()
     for array in arrays:
-        view = memoryview(as_wire_array(array)).cast("B")
+        view = memoryview(as_wire_array(array)).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
         pos = 0
         while pos < len(view):
             take = min(chunk_bytes - len(pending), len(view) - pos)

@@ -62,7 +62,7 @@ class ModelSnapshot:
         buffer.flags.writeable = False
         for view in views.values():
             view.flags.writeable = False
-        self._payload = memoryview(buffer).cast("B")
+        self._payload = memoryview(buffer).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
         self.tensors: Mapping[str, np.ndarray] = views
 
     @property

@@ -7,7 +7,7 @@ gRPC status codes; the message is passed through for the person reading it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -43,7 +43,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             snapshot = job.snapshot()
             return pb.JobInfo(
                 job_id=job.job_id,
-                strategy=_STRATEGY_KIND[job.config.strategy.name],  # type: ignore[arg-type]
+                strategy=_STRATEGY_KIND[job.config.strategy.name],
                 synchronous=job.synchronous,
                 version=snapshot.version,
                 model=header_to_pb(job.specs),
@@ -114,7 +114,7 @@ def _ack(job_id: str, outcome: PushOutcome) -> pb.PushAck:
 
 
 @contextlib.contextmanager
-def _status_on_error(context: grpc.ServicerContext, on_reject=None) -> Iterator[None]:  # type: ignore[no-untyped-def]
+def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[str], None] | None = None) -> Iterator[None]:
     try:
         yield
     except (ServerError, MalformedPayload) as error:
