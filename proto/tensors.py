@@ -12,6 +12,7 @@ names what was wrong; callers turn it into INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -22,6 +23,9 @@ from proto import tributary_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
 """Largest chunk a sender emits and a receiver accepts (1 MiB)."""
+
+MAX_PAYLOAD_BYTES = 1 << 40
+"""No header may declare more (1 TiB): far above any model, far below overflow."""
 
 _DTYPE_TO_PB: dict[np.dtype, int] = {
     np.dtype("<f4"): pb.DTYPE_FLOAT32,
@@ -50,7 +54,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize  # Python ints: a hostile shape cannot wrap around
 
     def describe(self) -> str:
         return f"{self.name}: {self.dtype.name}{list(self.shape)}"
@@ -91,8 +95,12 @@ def specs_from_pb(header: pb.TensorHeader) -> list[TensorSpec]:
         if any(d < 0 for d in spec.shape):
             raise MalformedPayload(f"tensor {spec.name!r} has a negative dimension in shape {list(spec.shape)}")
         specs.append(TensorSpec(spec.name, _PB_TO_DTYPE[spec.dtype], tuple(spec.shape)))
+        if specs[-1].nbytes > MAX_PAYLOAD_BYTES:
+            raise MalformedPayload(f"tensor {spec.name!r} of shape {list(spec.shape)} is larger than {MAX_PAYLOAD_BYTES} bytes")
     declared = int(header.payload_bytes)
     actual = sum(s.nbytes for s in specs)
+    if actual > MAX_PAYLOAD_BYTES:
+        raise MalformedPayload(f"the header's tensors add up to {actual} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit")
     if declared != actual:
         raise MalformedPayload(f"header declares {declared} payload bytes but its tensors need {actual}")
     return specs
@@ -107,9 +115,12 @@ def iter_chunks(arrays: Iterable[np.ndarray], chunk_bytes: int = CHUNK_BYTES) ->
     """Cut the concatenated bytes of `arrays` into chunks of exactly `chunk_bytes`
     (the last may be shorter). Small tensors share chunks, so a model of many
     biases does not turn into many tiny messages."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     pending = bytearray()
     for array in arrays:
-        view = memoryview(as_wire_array(array)).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
+        # flattened first: memoryview cannot cast a view with a zero in its shape
+        view = memoryview(as_wire_array(array).reshape(-1)).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
         pos = 0
         while pos < len(view):
             take = min(chunk_bytes - len(pending), len(view) - pos)

@@ -39,8 +39,12 @@ NORMALIZERS = ("count", "weight_sum")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (_is_number(value) and value > 0):
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
@@ -57,7 +61,7 @@ class StalenessConfig:
             raise ConfigError(f"staleness must be one of {', '.join(STALENESS_KINDS)}, got {self.kind!r}")
         if self.kind in ("polynomial", "hinge"):
             _positive("staleness_a", self.a)
-        if self.kind == "hinge" and not (math.isfinite(self.b) and self.b >= 0):
+        if self.kind == "hinge" and not (_is_number(self.b) and self.b >= 0):
             raise ConfigError(f"staleness_b must be >= 0, got {self.b!r}")
 
     def function(self) -> Callable[[int], float]:
@@ -98,7 +102,7 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.name!r}")
-        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha <= 1):
+        if not (_is_number(self.alpha) and 0 < self.alpha <= 1):
             raise ConfigError(f"alpha must be in (0, 1], got {self.alpha!r}")
         _positive("server_lr", self.server_lr)
         for name in ("buffer_size", "clients_per_round"):
@@ -136,7 +140,9 @@ class JobConfig:
             raise ConfigError(
                 f"job id {self.job_id!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
             )
-        if self.max_staleness is not None and not (isinstance(self.max_staleness, int) and self.max_staleness >= 0):
+        if self.max_staleness is not None and not (
+            isinstance(self.max_staleness, int) and not isinstance(self.max_staleness, bool) and self.max_staleness >= 0
+        ):
             raise ConfigError(f"max_staleness must be an integer >= 0, got {self.max_staleness!r}")
         for name in ("max_update_bytes", "idempotency_window"):
             value = getattr(self, name)
@@ -163,6 +169,8 @@ class JobConfig:
             elif key == "staleness":
                 staleness["kind"] = value
             elif key in ("staleness_a", "staleness_b"):
+                if not _is_number(value):
+                    raise ConfigError(f"{key} must be a number, got {value!r}")
                 staleness[key.removeprefix("staleness_")] = float(value)
             elif key in ("max_staleness", "max_update_bytes", "idempotency_window"):
                 job[key] = value
@@ -182,10 +190,12 @@ class ServerConfig:
     jobs: tuple[JobConfig, ...] = (JobConfig(),)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.address, str):
+            raise ConfigError(f"address must be a \"host:port\" string, got {self.address!r}")
         host, sep, port = self.address.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"address must be host:port, got {self.address!r}")
-        if not (isinstance(self.max_workers, int) and self.max_workers >= 2):
+        if not (isinstance(self.max_workers, int) and not isinstance(self.max_workers, bool) and self.max_workers >= 2):
             raise ConfigError(f"max_workers must be an integer >= 2, got {self.max_workers!r}")
         if not self.jobs:
             raise ConfigError("the server needs at least one job")

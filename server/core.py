@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ from server.errors import (
 from server.strategies import Strategy, build_strategy
 
 _FLOAT_KINDS = "f"
+MAX_NUM_SAMPLES = 1 << 32
+"""Bounds sample weights, so float64 aggregation buffers cannot overflow."""
 
 
 class ModelSnapshot:
@@ -63,7 +66,7 @@ class ModelSnapshot:
         for view in views.values():
             view.flags.writeable = False
         self._payload = memoryview(buffer).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
-        self.tensors: Mapping[str, np.ndarray] = views
+        self.tensors: Mapping[str, np.ndarray] = types.MappingProxyType(views)
 
     @property
     def payload_bytes(self) -> int:
@@ -230,8 +233,11 @@ class Job:
             raise InvalidUpdate("client_id is empty; every push names the client that made it")
         if not header.idempotency_key:
             raise InvalidUpdate("idempotency_key is empty; give each update a unique key and reuse it on retries")
-        if header.num_samples < 1:
-            raise InvalidUpdate("num_samples must be >= 1 (the number of examples the update was trained on)")
+        if not 1 <= header.num_samples <= MAX_NUM_SAMPLES:
+            raise InvalidUpdate(
+                f"num_samples must be between 1 and {MAX_NUM_SAMPLES} (the number of examples the update "
+                f"was trained on), got {header.num_samples}"
+            )
 
     def _check_layout(self, specs: Sequence[TensorSpec]) -> None:
         names = [s.name for s in specs]

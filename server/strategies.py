@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from server.config import StrategyConfig
-from server.errors import PreconditionFailed, RoundClosed
+from server.errors import InvalidUpdate, PreconditionFailed, RoundClosed
 
 Params = Mapping[str, np.ndarray]
 
@@ -48,15 +48,31 @@ class FedAsync:
 
     def take(self, params: Params, delta: Params, *, staleness_weight: float, num_samples: int, client_id: str) -> dict[str, np.ndarray]:
         scale = self.alpha * staleness_weight
-        return {name: x + x.dtype.type(scale) * delta[name] for name, x in params.items()}
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by _require_finite
+            new = {name: x + x.dtype.type(scale) * delta[name] for name, x in params.items()}
+        return _require_finite(new)
 
     @property
     def pending(self) -> int:
         return 0
 
 
+def _require_finite(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A finite update can still push the model past its dtype's range; such a
+    model would poison every later update, so the update is refused instead."""
+    for name, x in params.items():
+        if not np.isfinite(x).all():
+            raise InvalidUpdate(
+                f"applying this update would overflow tensor {name!r} of the model to Inf or NaN "
+                f"in {x.dtype.name}; nothing was applied"
+            )
+    return params
+
+
 class _Accumulator:
-    """sum(w_i * delta_i) in float64, plus sum(w_i) and the count."""
+    """sum(w_i * delta_i) in float64, plus sum(w_i) and the count. float64
+    cannot overflow here: deltas are finite and weights are bounded (s <= 1,
+    num_samples <= 2^32)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] = {}
@@ -73,9 +89,20 @@ class _Accumulator:
         self.weight_sum += weight
         self.count += 1
 
+    def plus(self, delta: Params, weight: float) -> _Accumulator:
+        """A new accumulator holding this one's updates and one more; this one
+        is left as it was (so a refused last update changes nothing)."""
+        result = _Accumulator()
+        result.sums = {name: s.copy() for name, s in self.sums.items()}
+        result.weight_sum, result.count = self.weight_sum, self.count
+        result.add(delta, weight)
+        return result
+
     def apply(self, params: Params, scale: float) -> dict[str, np.ndarray]:
         """params + scale * sums, cast back to each tensor's dtype."""
-        return {name: (x.astype(np.float64) + scale * self.sums[name]).astype(x.dtype) for name, x in params.items()}
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by _require_finite
+            new = {name: (x.astype(np.float64) + scale * self.sums[name]).astype(x.dtype) for name, x in params.items()}
+        return _require_finite(new)
 
 
 class FedBuff:
@@ -98,11 +125,12 @@ class FedBuff:
 
     def take(self, params: Params, delta: Params, *, staleness_weight: float, num_samples: int, client_id: str) -> dict[str, np.ndarray] | None:
         weight = staleness_weight * (num_samples if self.weight_by_samples else 1)
-        self._buffer.add(delta, weight)
-        if self._buffer.count < self.buffer_size:
+        if self._buffer.count + 1 < self.buffer_size:
+            self._buffer.add(delta, weight)
             return None
-        norm = self._buffer.count if self.normalizer == "count" else self._buffer.weight_sum
-        new_params = self._buffer.apply(params, self.server_lr / norm)
+        full = self._buffer.plus(delta, weight)
+        norm = full.count if self.normalizer == "count" else full.weight_sum
+        new_params = full.apply(params, self.server_lr / norm)
         self._buffer = _Accumulator()
         return new_params
 
@@ -138,11 +166,12 @@ class FedAvg:
             )
 
     def take(self, params: Params, delta: Params, *, staleness_weight: float, num_samples: int, client_id: str) -> dict[str, np.ndarray] | None:
-        self._round.add(delta, float(num_samples))
-        self._contributors.add(client_id)
-        if self._round.count < self.clients_per_round:
+        if self._round.count + 1 < self.clients_per_round:
+            self._round.add(delta, float(num_samples))
+            self._contributors.add(client_id)
             return None
-        new_params = self._round.apply(params, self.server_lr / self._round.weight_sum)
+        full = self._round.plus(delta, float(num_samples))
+        new_params = full.apply(params, self.server_lr / full.weight_sum)
         self._round = _Accumulator()
         self._contributors = set()
         return new_params

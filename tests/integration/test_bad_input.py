@@ -256,4 +256,14 @@ def test_overlong_client_id(running: RunningServer) -> None:
 
 
 def test_zero_samples(running: RunningServer) -> None:
-    check_refused(running, lambda c: c.push(0, good_delta(), num_samples=0), UpdateRejected, "num_samples must be >= 1")
+    check_refused(running, lambda c: c.push(0, good_delta(), num_samples=0), UpdateRejected, "num_samples must be between 1 and")
+
+
+def test_finite_update_that_would_overflow_the_model(serve) -> None:  # type: ignore[no-untyped-def]
+    near_max = {"w": np.full(4, 3e38, np.float32)}
+    running = serve(JobConfig(strategy=StrategyConfig(name="fedasync", alpha=1.0)), models={"default": near_max})
+    with Client(running.address) as client:
+        with pytest.raises(UpdateRejected, match="would overflow tensor 'w'"):
+            client.push(0, {"w": np.full(4, 3e38, np.float32)})
+        assert client.pull().version == 0
+        assert client.push(0, {"w": np.full(4, -1e38, np.float32)}).version_after == 1
