@@ -32,6 +32,7 @@ from proto.tensors import (
 )
 
 T = TypeVar("T")
+MAX_WAIT_S = 3600.0
 _STRATEGY_NAMES = {pb.STRATEGY_KIND_FEDASYNC: "fedasync", pb.STRATEGY_KIND_FEDBUFF: "fedbuff", pb.STRATEGY_KIND_FEDAVG: "fedavg"}
 
 
@@ -69,6 +70,7 @@ class JobDescription:
     specs: tuple[TensorSpec, ...]
     max_staleness: int | None
     updates_accepted: int
+    max_update_bytes: int
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,17 @@ class Client:
             specs=specs,
             max_staleness=info.max_staleness or None,
             updates_accepted=info.updates_accepted,
+            max_update_bytes=info.max_update_bytes,
         )
 
     def pull(self, *, min_version: int = 0, wait_s: float = 0.0) -> PulledModel:
         """The job's current model. With `min_version`, wait up to `wait_s`
         seconds for that version (synchronous rounds); the answer may still be
         older if the wait runs out."""
+        if min_version < 0:
+            raise ValueError(f"min_version must be >= 0, got {min_version}")
+        if not 0 <= wait_s <= MAX_WAIT_S:
+            raise ValueError(f"wait_s must be between 0 and {MAX_WAIT_S} seconds, got {wait_s}")
         request = pb.PullRequest(job_id=self.job, min_version=min_version, wait_timeout_ms=int(wait_s * 1000))
         return self._with_retries("pull", lambda: self._pull_once(request, timeout=self.timeout_s + wait_s))
 
@@ -158,6 +165,10 @@ class Client:
         """Send `delta` (trained minus pulled, for every tensor of the model, in
         the model's order), computed against `base_version`. Values may be numpy
         arrays or torch tensors."""
+        if base_version < 0:
+            raise ValueError(f"base_version must be >= 0 (a version pulled from the server), got {base_version}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 (the examples the update was trained on), got {num_samples}")
         arrays = {name: _to_numpy(value) for name, value in delta.items()}
         key = idempotency_key or uuid.uuid4().hex
         try:
@@ -197,21 +208,21 @@ class Client:
 
     def _pull_once(self, request: pb.PullRequest, timeout: float) -> PulledModel:
         stream = self._stub.Pull(request, timeout=timeout)
-        first = next(stream, None)
-        if first is None or first.WhichOneof("kind") != "model":
-            raise ProtocolError("pull answer did not start with a model header")
         try:
+            first = next(stream, None)
+            if first is None or first.WhichOneof("kind") != "model":
+                raise ProtocolError("pull answer did not start with a model header")
             specs = specs_from_pb(first.model.header)
             assembler = PayloadAssembler(specs)
             for message in stream:
                 if message.WhichOneof("kind") != "chunk":
                     raise ProtocolError("pull answer carried a second header")
                 assembler.add(message.chunk.data)
-            tensors = assembler.finish()
+            return PulledModel(first.model.version, assembler.finish())
         except MalformedPayload as error:
-            stream.cancel()
             raise ProtocolError(f"server sent a malformed model: {error}") from error
-        return PulledModel(first.model.version, tensors)
+        finally:
+            stream.cancel()  # a no-op once the stream is complete; frees it on any early exit
 
     def _with_retries(self, doing: str, call: Callable[[], T]) -> T:
         delays = self.retry.delays()

@@ -32,9 +32,17 @@ def pick_device(preferred: str | None = None) -> torch.device:
 
     choice = preferred or os.environ.get("TRIBUTARY_DEVICE")
     if choice:
-        device = torch.device(choice)
+        try:
+            device = torch.device(choice)
+        except RuntimeError as error:
+            raise ValueError(f"device {choice!r} is not a torch device (try cuda, cuda:1, mps or cpu)") from error
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {choice!r} was asked for but torch sees no CUDA device")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {choice!r} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and not (mps is not None and mps.is_available()):
+            raise ValueError(f"device {choice!r} was asked for but this machine has no usable MPS device")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -110,6 +118,7 @@ def fit(
             return True
         return duration_s is not None and time.monotonic() - start >= duration_s
 
+    summary.last_version = pulled.version
     while not done():
         load_into(model, pulled.tensors)
         model.train()
@@ -125,11 +134,20 @@ def fit(
             summary.staleness.append(result.staleness)
             if on_push is not None:
                 on_push(result)
-        if job.synchronous:
-            # wait for the round to close rather than retraining on the same version
-            pulled = client.pull(min_version=pulled.version + 1, wait_s=SYNC_WAIT_S)
-        else:
-            pulled = client.pull()
+        if done():
+            break
+        pulled = _next_model(client, pulled.version, job.synchronous, done)
         summary.last_version = pulled.version
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def _next_model(client: Client, version: int, synchronous: bool, done: Callable[[], bool]) -> PulledModel:
+    """The model to train on next. In synchronous rounds that is the next
+    version: training again on a round already pushed to would be refused."""
+    if not synchronous:
+        return client.pull()
+    while True:
+        pulled = client.pull(min_version=version + 1, wait_s=SYNC_WAIT_S)
+        if pulled.version > version or done():
+            return pulled

@@ -8,7 +8,6 @@ seeded, so the same seed gives the same split, shards and initial model.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,13 +136,3 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
     predictions = model(torch.from_numpy(x)).argmax(dim=1).numpy()
     return float((predictions == y).mean())
-
-
-def accuracy_of_weights(weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
-    model = DigitsCNN()
-    model.load_state_dict({name: torch.from_numpy(np.array(w)) for name, w in weights.items()})
-    return accuracy(model, x, y)
-
-
-def shard_summary(shards: Sequence[np.ndarray], labels: np.ndarray) -> list[dict[int, int]]:
-    return [{int(k): int(v) for k, v in zip(*np.unique(labels[s], return_counts=True))} for s in shards]

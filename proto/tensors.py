@@ -37,9 +37,6 @@ _DTYPE_TO_PB: dict[np.dtype, int] = {
 }
 _PB_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_PB.items()}
 
-ArrayLike = Union[np.ndarray, "np.typing.ArrayLike"]
-
-
 class MalformedPayload(ValueError):
     """A tensor header or payload that cannot be what it claims to be."""
 

@@ -185,7 +185,7 @@ class JobConfig:
 class ServerConfig:
     address: str = "127.0.0.1:50051"
     """host:port to listen on; port 0 picks a free one (the bound port is reported)."""
-    max_workers: int = 64
+    max_workers: int = 256
     """Threads serving RPCs; each open stream (push, pull, long-poll) holds one."""
     jobs: tuple[JobConfig, ...] = (JobConfig(),)
 
@@ -199,6 +199,13 @@ class ServerConfig:
             raise ConfigError(f"max_workers must be an integer >= 2, got {self.max_workers!r}")
         if not self.jobs:
             raise ConfigError("the server needs at least one job")
+        for job in self.jobs:
+            if job.strategy.synchronous and job.strategy.clients_per_round >= self.max_workers:
+                raise ConfigError(
+                    f"job {job.job_id!r}: clients_per_round={job.strategy.clients_per_round} needs more than "
+                    f"max_workers={self.max_workers} RPC threads (each client waiting for a round holds one); "
+                    "raise max_workers"
+                )
         ids = [job.job_id for job in self.jobs]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:

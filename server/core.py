@@ -42,6 +42,7 @@ from server.errors import (
 from server.strategies import Strategy, build_strategy
 
 _FLOAT_KINDS = "f"
+VERSION_LOG_LENGTH = 10_000
 MAX_NUM_SAMPLES = 1 << 32
 """Bounds sample weights, so float64 aggregation buffers cannot overflow."""
 
@@ -113,14 +114,18 @@ class JobStats:
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     staleness: collections.Counter[int] = field(default_factory=collections.Counter)
     updates_per_client: collections.Counter[str] = field(default_factory=collections.Counter)
-    versions: list[tuple[int, float]] = field(default_factory=list)
-    """(version, unix time published) for every version, the initial one included."""
+    versions: collections.deque[tuple[int, float]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
+    """(version, unix time published) of the latest versions, the initial one included."""
 
 
 @dataclass(frozen=True)
 class _Remembered:
+    """What a key was used for: enough to tell a retry from a different update
+    that reuses the key (the payload itself is not hashed, to keep pushes cheap)."""
+
     client_id: str
     base_version: int
+    num_samples: int
     outcome: PushOutcome
 
 
@@ -151,7 +156,8 @@ class Job:
         self._version_changed = threading.Condition(self._lock)
         self._current = ModelSnapshot(0, self.specs, initial)
         self._acks: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
-        self.stats = JobStats(versions=[(0, self._current.created_at)])
+        self.stats = JobStats()
+        self.stats.versions.append((0, self._current.created_at))
 
     @property
     def job_id(self) -> str:
@@ -162,8 +168,9 @@ class Job:
         return self._strategy.synchronous
 
     def snapshot(self) -> ModelSnapshot:
-        with self._lock:
-            return self._current
+        # No lock: replacing the reference is atomic and snapshots never change,
+        # so a pull never waits for an aggregation in progress.
+        return self._current
 
     def wait_for_version(self, min_version: int, timeout_s: float) -> ModelSnapshot:
         """The current snapshot once its version is >= min_version, or the
@@ -279,7 +286,11 @@ class Job:
         remembered = self._acks.get(header.idempotency_key)
         if remembered is None:
             return None
-        if remembered.client_id != header.client_id or remembered.base_version != header.base_version:
+        if (remembered.client_id, remembered.base_version, remembered.num_samples) != (
+            header.client_id,
+            header.base_version,
+            header.num_samples,
+        ):
             raise IdempotencyConflict(
                 f"idempotency key {header.idempotency_key!r} was already used for another update; "
                 "use a fresh key for each new update"
@@ -290,7 +301,7 @@ class Job:
         return PushOutcome(first.version_at_arrival, first.staleness, first.staleness_weight, first.version_after, duplicate=True)
 
     def _remember(self, header: UpdateHeader, outcome: PushOutcome) -> None:
-        self._acks[header.idempotency_key] = _Remembered(header.client_id, header.base_version, outcome)
+        self._acks[header.idempotency_key] = _Remembered(header.client_id, header.base_version, header.num_samples, outcome)
         while len(self._acks) > self.config.idempotency_window:
             self._acks.popitem(last=False)
 
@@ -308,6 +319,9 @@ class AggregationCore:
 
     @classmethod
     def from_config(cls, config: ServerConfig, initial_models: Mapping[str, Mapping[str, np.ndarray]]) -> AggregationCore:
+        missing = [job.job_id for job in config.jobs if job.job_id not in initial_models]
+        if missing:
+            raise ValueError(f"no initial model for job(s) {', '.join(missing)}")
         return cls([Job(job, initial_models[job.job_id]) for job in config.jobs])
 
     def job(self, job_id: str) -> Job:

@@ -29,7 +29,7 @@ _STRATEGY_KIND = {
     "fedbuff": pb.STRATEGY_KIND_FEDBUFF,
     "fedavg": pb.STRATEGY_KIND_FEDAVG,
 }
-MAX_LONG_POLL_S = 60.0
+MAX_LONG_POLL_S = 30.0
 MAX_ID_LENGTH = 128
 
 
@@ -72,9 +72,9 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             if first is None or first.WhichOneof("kind") != "update":
                 raise InvalidUpdate("a push stream must start with an `update` header message")
             message = first.update
+            job = self._core.job(message.job_id)
             _check_id("client_id", message.client_id)
             _check_id("idempotency_key", message.idempotency_key)
-            job = self._core.job(message.job_id)
             specs = specs_from_pb(message.header)
             header = UpdateHeader(
                 job_id=message.job_id,

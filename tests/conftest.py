@@ -21,9 +21,6 @@ def small_model(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-ServeFn = Callable[..., "contextlib.AbstractContextManager[RunningServer]"]
-
-
 @pytest.fixture
 def serve() -> Iterator[Callable[..., RunningServer]]:
     """serve(*job_configs, models={job_id: tensors}) -> RunningServer on 127.0.0.1:0.

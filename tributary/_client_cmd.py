@@ -11,6 +11,14 @@ import click
 def run_client(options: dict[str, Any]) -> None:
     if options["updates"] is None and options["duration"] is None:
         raise click.UsageError("give --updates N or --duration SECONDS")
+    if options["updates"] is not None and options["updates"] < 1:
+        raise click.BadParameter(f"must be >= 1, got {options['updates']}", param_hint="--updates")
+    if options["duration"] is not None and options["duration"] <= 0:
+        raise click.BadParameter(f"must be > 0, got {options['duration']}", param_hint="--duration")
+    if options["num_shards"] < 1:
+        raise click.BadParameter(f"must be >= 1, got {options['num_shards']}", param_hint="--num-shards")
+    if options["round_seconds"] < 0:
+        raise click.BadParameter(f"must be >= 0, got {options['round_seconds']}", param_hint="--round-seconds")
     if not 0 <= options["shard"] < options["num_shards"]:
         raise click.BadParameter(f"shard {options['shard']} is not in [0, {options['num_shards']})", param_hint="--shard")
     for name in ("epochs", "batch_size"):
@@ -21,8 +29,13 @@ def run_client(options: dict[str, Any]) -> None:
 
     import torch
 
-    from client_sdk import Client, TributaryError
+    from client_sdk import Client, TributaryError, pick_device
     from edge.tasks import build_model, dirichlet_shards, load_digits_split, make_train_fn
+
+    try:
+        device = pick_device(options["device"])
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--device") from error
 
     torch.set_num_threads(1)  # many clients share few cores; one thread each avoids oversubscription
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -43,7 +56,7 @@ def run_client(options: dict[str, Any]) -> None:
     model = build_model(options["seed"])
     try:
         with Client(options["address"], job=options["job"], client_id=options["client_id"]) as client:
-            summary = client.fit(model, train, updates=options["updates"], duration_s=options["duration"], device=options["device"])
+            summary = client.fit(model, train, updates=options["updates"], duration_s=options["duration"], device=str(device))
     except KeyboardInterrupt:
         return
     except TributaryError as error:

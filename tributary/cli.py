@@ -20,7 +20,7 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="TOML file with the server and its jobs (instead of the job flags below).")
 @click.option("--address", default=None, help="host:port to listen on; port 0 picks a free one.  [default: 127.0.0.1:50051]")
-@click.option("--max-workers", type=int, default=None, help="RPC threads; each open stream holds one.  [default: 64]")
+@click.option("--max-workers", type=int, default=None, help="RPC threads; each open stream holds one.  [default: 256]")
 @click.option("--job", "job_id", default=None, help="Job id clients name.  [default: default]")
 @click.option("--initial-model", type=click.Path(dir_okay=False, path_type=Path), help="Initial model (.safetensors).")
 @click.option("--task", type=click.Choice(["digits"]), help="Start from a fresh model of this built-in task instead of --initial-model.")

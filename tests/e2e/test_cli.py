@@ -159,3 +159,36 @@ def test_demo_fails_loudly_when_target_is_missed(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "the target was 99%" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--updates", "0"], "Invalid value for --updates: must be >= 1, got 0"),
+        (["--duration", "-1"], "Invalid value for --duration: must be > 0"),
+        (["--updates", "1", "--num-shards", "0"], "Invalid value for --num-shards: must be >= 1"),
+        (["--updates", "1", "--round-seconds", "-2"], "Invalid value for --round-seconds"),
+        (["--updates", "1", "--device", "gpu"], "device 'gpu' is not a torch device"),
+        (["--updates", "1", "--device", "cuda"], "torch sees no CUDA device"),
+        (["--updates", "1", "--num-shards", "200"], "cannot give 200 clients"),
+    ],
+)
+def test_more_bad_client_flags(args: list[str], message: str) -> None:
+    result = subprocess.run([*TRIBUTARY, "client", "--server", "127.0.0.1:1", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dirichlet-alpha", "0"], "Invalid value for --dirichlet-alpha: must be > 0"),
+        (["--clients", "500"], "cannot split the digits for --clients 500"),
+        (["--clients", "0"], "Invalid value for --clients"),
+        (["--target-accuracy", "1.5"], "Invalid value for --target-accuracy"),
+    ],
+)
+def test_bad_demo_flags_are_named(tmp_path: Path, args: list[str], message: str) -> None:
+    result = subprocess.run([*TRIBUTARY, "demo", "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr

@@ -256,7 +256,15 @@ def test_overlong_client_id(running: RunningServer) -> None:
 
 
 def test_zero_samples(running: RunningServer) -> None:
-    check_refused(running, lambda c: c.push(0, good_delta(), num_samples=0), UpdateRejected, "num_samples must be between 1 and")
+    """The SDK refuses this itself; the server must too, for other clients."""
+    before = state_of(running)
+    message = update_message(good_delta())
+    message.update.num_samples = 0
+    error = raw_push(running, [message, *chunk_messages(good_delta())])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "num_samples must be between 1 and" in error.details()
+    assert_unchanged(before, running)
+    assert_still_serving(running)
 
 
 def test_finite_update_that_would_overflow_the_model(serve) -> None:  # type: ignore[no-untyped-def]

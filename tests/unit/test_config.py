@@ -58,7 +58,7 @@ def test_from_mapping_with_every_key() -> None:
 def test_from_mapping_defaults() -> None:
     config = ServerConfig.from_mapping({})
     assert config.address == "127.0.0.1:50051"
-    assert config.max_workers == 64
+    assert config.max_workers == 256
     assert config.jobs == (JobConfig(),)
     job = config.jobs[0]
     assert job.job_id == "default"
@@ -337,3 +337,22 @@ def test_from_toml_without_jobs_gives_the_default_job(tmp_path: Path) -> None:
     path.write_text('address = "127.0.0.1:9"\n')
     config = ServerConfig.from_toml(path)
     assert config.jobs == (JobConfig(),)
+
+
+def test_fedavg_round_must_fit_the_thread_pool() -> None:
+    from server import ConfigError, JobConfig, ServerConfig, StrategyConfig
+
+    job = JobConfig(strategy=StrategyConfig(name="fedavg", clients_per_round=8))
+    with pytest.raises(ConfigError, match="clients_per_round=8 needs more than max_workers=8"):
+        ServerConfig(max_workers=8, jobs=(job,))
+    assert ServerConfig(max_workers=9, jobs=(job,)).max_workers == 9
+
+
+def test_missing_initial_model_is_named() -> None:
+    import numpy as np
+
+    from server import AggregationCore, JobConfig, ServerConfig
+
+    config = ServerConfig(jobs=(JobConfig(job_id="a"), JobConfig(job_id="b")))
+    with pytest.raises(ValueError, match="no initial model for job\\(s\\) b"):
+        AggregationCore.from_config(config, {"a": {"w": np.zeros(2, np.float32)}})
