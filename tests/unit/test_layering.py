@@ -62,3 +62,12 @@ def test_client_command_does_not_load_server_code() -> None:
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_cli_choices_match_the_server_config() -> None:
+    """The CLI keeps its own copies (it must not import server code up front)."""
+    from server import config
+    from tributary import cli
+
+    assert cli.STRATEGIES == config.STRATEGIES
+    assert cli.STALENESS == config.STALENESS_KINDS
