@@ -1,29 +1,36 @@
 """Server ingest throughput: N concurrent clients pushing P float32 parameters.
 
-Per (P, N) configuration, three servers, each in its own process, on loopback:
+For each (P, N), these servers run side by side, each in its own process, on loopback:
 
-  raw-thr    the reference: a generic gRPC handler that only consumes a client
-             stream of 1 MiB `BytesValue` chunks, on a threaded `grpc.server`
-  raw-aio    the same handler on a `grpc.aio` server
-  tributary  `server.app.running_server` with one fedbuff job (no staleness
-             bound, so nothing is rejected); every client pulls once and then
-             pushes deltas on that version with `client_sdk.Client.push`
+  raw-thr     the reference: a generic gRPC handler that only consumes a client
+              stream of 1 MiB `BytesValue` chunks, on a threaded `grpc.server`
+  raw-aio     the same handler on a `grpc.aio` server
+  tributary   `server.app.running_server` with one fedbuff job (no staleness
+              bound, so nothing is rejected); every client pulls once, then
+              pushes deltas on that version with `client_sdk.Client.push`
+  trib-noagg  an ablation, not a product setting: the same Tributary server with
+              `Job.submit` replaced by a stub, so it only receives, decodes and
+              assembles; tributary vs trib-noagg is what aggregation costs
 
-All three see the same client side: N streams spread over several client
+All servers see the same client side: N streams spread over several client
 processes (Python threads in one process share a GIL, so one process cannot
-drive N streams), several threads each, the same payload, and the same one
-copy per 1 MiB chunk out of a numpy array. Read the ratios to raw-thr: they
-hold on a noisy machine, absolute rates do not.
+drive N streams), several threads each, the same payload, and the same single
+copy per 1 MiB chunk out of a numpy array. Only one server is pushed to at a
+time. The pushing time (--seconds) is cut into --rounds windows per server, and
+the windows of the servers interleave, so a slow spell on a shared machine
+hits every server about equally. Read the ratios to raw-thr; absolute rates
+move between runs.
 
-Where the server's time goes is read inside the server process: the CPU of
+Where the server's time goes is read inside each server process: the CPU of
 every thread (psutil), sorted into RPC handler threads, grpc's Python poller
-thread (the sync server deserializes every request message there) and grpc
-core's native threads; plus the thread CPU spent in `Job.submit` (aggregation:
-the NaN/Inf check, the fedbuff accumulate and publishing a version) and the
-wall time aggregation holds the job lock.
+thread (the sync server deserializes every request message there) and the
+rest (grpc core's native threads); for Tributary also the thread CPU spent in
+`Job.submit` (aggregation: the NaN/Inf check, the fedbuff accumulate,
+publishing a version) and the wall time aggregation holds the job lock.
 
-    python -m bench.throughput                       # default matrix, ~5 min on 2 cores
-    python -m bench.throughput --clients 16 --params 1M --seconds 2
+    python -m bench.throughput                       # default matrix, about 4.5 min on 2 cores
+    python bench/throughput.py                       # the same (what `make bench` runs)
+    python -m bench.throughput --clients 16 --params 1M --seconds 3
 """
 
 from __future__ import annotations
@@ -35,9 +42,9 @@ import contextlib
 import dataclasses
 import functools
 import json
-import multiprocessing as mp
 import multiprocessing.context
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -59,14 +66,16 @@ from client_sdk import Client, RetryPolicy
 from proto.tensors import CHUNK_BYTES, specs_of
 from server import JobConfig, ServerConfig, StrategyConfig
 from server.app import running_server
-from server.core import Job, Update, UpdateHeader
+from server.core import Job, PushOutcome, Update, UpdateHeader
 from server.servicer import TributaryServicer
 from server.strategies import FedBuff
 
 RAW_THREADED = "raw-thr"
 RAW_AIO = "raw-aio"
 TRIBUTARY = "tributary"
-TARGETS = (RAW_THREADED, RAW_AIO, TRIBUTARY)
+TRIBUTARY_NO_AGGREGATION = "trib-noagg"
+TARGETS = (RAW_THREADED, RAW_AIO, TRIBUTARY, TRIBUTARY_NO_AGGREGATION)
+TRIBUTARY_TARGETS = (TRIBUTARY, TRIBUTARY_NO_AGGREGATION)
 
 JOB_ID = "bench"
 TENSOR = "w"
@@ -75,15 +84,16 @@ RAW_METHOD = f"/{RAW_SERVICE}/Consume"
 LOOPBACK = "127.0.0.1"
 
 PUSH_TIMEOUT_S = 180.0
-"""Per push; 64 streams of 40 MB share two cores, so one push may take seconds."""
-START_DELAY_S = 0.3
-"""Clients start together this long after the start message, so no process gets a head start."""
+"""Per push; 64 streams of 40 MB share two cores, so one push can take many seconds."""
+START_DELAY_S = 0.2
+"""Clients start together this long after the window is announced, so no process gets a head start."""
 RSS_SAMPLE_S = 0.02
 SERVER_START_TIMEOUT_S = 60.0
 SETUP_TIMEOUT_S = 300.0
-"""Connecting and (for tributary) pulling the model: 64 pulls of 40 MB take a while on 2 cores."""
+"""Connecting and pulling the model: 64 pulls of 40 MB take a while on two cores."""
 TARGET_RATIO = 0.5
 TARGET_CONFIG = (1_000_000, 16)
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "throughput.json"
 MB = 1e6
 MIB = 1 << 20
 
@@ -91,7 +101,7 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- #
-# Server side: runs in its own spawned process                                 #
+# Server side: each server runs in its own spawned process                    #
 # --------------------------------------------------------------------------- #
 
 
@@ -100,22 +110,26 @@ class _Probe:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.handler_tids: set[int] = set()
+        self._counters: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._handler_tids: set[int] = set()
 
     def add(self, name: str, cpu_s: float, wall_s: float) -> None:
         with self._lock:
-            self.counters[f"{name}_cpu"] += cpu_s
-            self.counters[f"{name}_wall"] += wall_s
-            self.counters[f"{name}_calls"] += 1
+            self._counters[f"{name}_cpu"] += cpu_s
+            self._counters[f"{name}_wall"] += wall_s
+            self._counters[f"{name}_calls"] += 1
 
     def note_handler_thread(self) -> None:
         with self._lock:
-            self.handler_tids.add(threading.get_native_id())
+            self._handler_tids.add(threading.get_native_id())
+
+    def read(self) -> tuple[dict[str, float], frozenset[int]]:
+        with self._lock:
+            return dict(self._counters), frozenset(self._handler_tids)
 
     def timed(self, name: str, fn: Callable[..., T], *, handler: bool = False) -> Callable[..., T]:
-        """`fn`, adding its thread CPU (time spent waiting on a lock or a
-        socket costs none) and wall time to the counters `name_*`."""
+        """`fn`, adding its thread CPU (waiting on a lock, the GIL or a socket
+        costs none) and its wall time to the counters `name_*`."""
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -132,7 +146,7 @@ class _Probe:
 
 @dataclass(frozen=True)
 class ServerSnapshot:
-    """Cumulative CPU of a server process at one instant; two of them bound a run."""
+    """Cumulative CPU of a server process at one instant; two of them bound a window."""
 
     at: float
     cpu_s: float
@@ -146,11 +160,9 @@ def _snapshot(probe: _Probe) -> ServerSnapshot:
     process = psutil.Process()
     times = process.cpu_times()
     # grpc's sync server runs its completion-queue loop in a Python thread whose
-    # target is `_serve`; it deserializes every request message for every RPC.
+    # target is `_serve`; that one thread deserializes every request message.
     poller = frozenset(t.native_id for t in threading.enumerate() if "_serve" in t.name and t.native_id)
-    with probe._lock:
-        counters = dict(probe.counters)
-        handlers = frozenset(probe.handler_tids)
+    counters, handlers = probe.read()
     return ServerSnapshot(
         at=time.monotonic(),
         cpu_s=times.user + times.system,
@@ -168,19 +180,23 @@ def _control_loop(conn: Connection, address: str, probe: _Probe) -> None:
             conn.send(_snapshot(probe))
 
 
-def _install_tributary_probes(probe: _Probe) -> None:
+def _submit_stub(job: Job, update: Update) -> PushOutcome:
+    return PushOutcome(version_at_arrival=0, staleness=0, staleness_weight=1.0, version_after=0)
+
+
+def _install_tributary_probes(probe: _Probe, aggregate: bool) -> None:
     """Time the server's own functions. Patched on the classes before the server
-    is built: `add_TributaryServicer_to_server` binds `Push` at registration."""
+    is built: `add_TributaryServicer_to_server` binds `Push` when it registers."""
     TributaryServicer.Push = probe.timed("push", TributaryServicer.Push, handler=True)  # type: ignore[method-assign]
-    Job.submit = probe.timed("submit", Job.submit)  # type: ignore[method-assign]
-    # Both run under the job lock: their summed wall time is how long the lock is busy aggregating.
+    Job.submit = probe.timed("submit", Job.submit if aggregate else _submit_stub)  # type: ignore[method-assign]
+    # Both run under the job lock: their summed wall time is how long aggregation holds it.
     FedBuff.take = probe.timed("take", FedBuff.take)  # type: ignore[method-assign]
     Job._publish = probe.timed("publish", Job._publish)  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
-def _tributary_server(params: int, max_workers: int, probe: _Probe) -> Iterator[str]:
-    _install_tributary_probes(probe)
+def _tributary_server(params: int, max_workers: int, probe: _Probe, aggregate: bool) -> Iterator[str]:
+    _install_tributary_probes(probe, aggregate)
     job = JobConfig(job_id=JOB_ID, strategy=StrategyConfig(name="fedbuff"), max_staleness=None)
     config = ServerConfig(address=f"{LOOPBACK}:0", max_workers=max_workers, jobs=(job,))
     initial = {JOB_ID: {TENSOR: np.zeros(params, dtype=np.float32)}}
@@ -198,8 +214,8 @@ def _raw_handler(behaviour: Callable[..., Any]) -> grpc.GenericRpcHandler:
 
 
 def _consume(requests: Iterator[wrappers_pb2.BytesValue], context: grpc.ServicerContext) -> wrappers_pb2.UInt64Value:
-    # Reading `.value` materializes the bytes, as a real receiver must; the count
-    # lets the client check that everything arrived.
+    # Reading `.value` materializes each chunk's bytes, as any real receiver must;
+    # the count lets the client check that everything arrived.
     return wrappers_pb2.UInt64Value(value=sum(len(message.value) for message in requests))
 
 
@@ -238,8 +254,8 @@ def _server_main(conn: Connection, target: str, params: int, max_workers: int) -
         asyncio.run(_serve_raw_aio(conn, probe))
         return
     serving = (
-        _tributary_server(params, max_workers, probe)
-        if target == TRIBUTARY
+        _tributary_server(params, max_workers, probe, aggregate=target == TRIBUTARY)
+        if target in TRIBUTARY_TARGETS
         else _raw_threaded_server(max_workers, probe)
     )
     with serving as address:
@@ -247,26 +263,36 @@ def _server_main(conn: Connection, target: str, params: int, max_workers: int) -
 
 
 # --------------------------------------------------------------------------- #
-# Client side: long-lived worker processes, several pushing threads each      #
+# Client side: long-lived worker processes, one pushing thread per stream     #
 # --------------------------------------------------------------------------- #
 
 
 @dataclass(frozen=True)
 class WorkerTask:
-    target: str
-    address: str
+    """One client process's share of a configuration: `threads` streams to each server."""
+
+    addresses: dict[str, str]
     params: int
     threads: int
+    worker: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """Push to `target` from `begin` (time.monotonic(), system-wide on Linux) for `seconds`."""
+
+    target: str
+    begin: float
     seconds: float
     max_updates: int
-    worker: int
+    """Per client; pushes started before the deadline finish and count."""
 
 
 @dataclass
 class WorkerReport:
     latencies_s: list[float] = field(default_factory=list)
-    ended_at: float = 0.0
-    """time.monotonic() when this process's last push ended (the clock is system-wide on Linux)."""
+    ends: list[float] = field(default_factory=list)
+    """time.monotonic() at which each thread's last push ended."""
     cpu_s: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -300,10 +326,10 @@ class _RawPusher:
             request_serializer=wrappers_pb2.BytesValue.SerializeToString,
             response_deserializer=wrappers_pb2.UInt64Value.FromString,
         )
-        self._payload = memoryview(delta).cast("B")
+        self._payload = delta.data.cast("B")
 
     def _requests(self) -> Iterator[wrappers_pb2.BytesValue]:
-        # One bytes copy per chunk, exactly what the SDK's chunker does.
+        # One bytes copy per chunk, as the SDK's chunker makes.
         for start in range(0, len(self._payload), CHUNK_BYTES):
             yield wrappers_pb2.BytesValue(value=bytes(self._payload[start : start + CHUNK_BYTES]))
 
@@ -316,77 +342,62 @@ class _RawPusher:
         self._channel.close()
 
 
-def _open_pusher(task: WorkerTask, delta: np.ndarray, thread: int) -> _Pusher:
-    if task.target == TRIBUTARY:
-        return _TributaryPusher(task.address, delta, client_id=f"bench-{task.worker}-{thread}")
-    return _RawPusher(task.address, delta)
+def _open_pushers(task: WorkerTask, delta: np.ndarray, thread: int) -> dict[str, _Pusher]:
+    pushers: dict[str, _Pusher] = {}
+    for target, address in task.addresses.items():
+        if target in TRIBUTARY_TARGETS:
+            pushers[target] = _TributaryPusher(address, delta, client_id=f"bench-{task.worker}-{thread}")
+        else:
+            pushers[target] = _RawPusher(address, delta)
+    return pushers
 
 
-class _StartSignal:
-    """Carries the common start time from the worker's main thread to its pushers."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._at = 0.0
-
-    def fire(self, at: float) -> None:
-        self._at = at
-        self._event.set()
-
-    def wait(self) -> float:
-        self._event.wait()
-        return self._at
-
-
-def _push_loop(
-    task: WorkerTask, delta: np.ndarray, thread: int, ready: threading.Barrier, start: _StartSignal, report: WorkerReport
-) -> None:
+def _push_loop(pusher: _Pusher, window: Window, report: WorkerReport) -> None:
     latencies: list[float] = []
-    pusher: _Pusher | None = None
+    time.sleep(max(0.0, window.begin - time.monotonic()))
+    deadline = window.begin + window.seconds
     try:
-        pusher = _open_pusher(task, delta, thread)
-        ready.wait()
-        begin = start.wait()
-        deadline = begin + task.seconds
-        time.sleep(max(0.0, begin - time.monotonic()))
-        while time.monotonic() < deadline and len(latencies) < task.max_updates:
+        while time.monotonic() < deadline and len(latencies) < window.max_updates:
             pushed_at = time.perf_counter()
             pusher.push()
             latencies.append(time.perf_counter() - pushed_at)
-    except threading.BrokenBarrierError:
-        pass  # another thread failed its setup and reported why
-    except Exception as error:  # noqa: BLE001 - reported to the orchestrator, which prints it
-        report.errors.append(f"{task.target} worker {task.worker} thread {thread}: {error!r}"[:500])
-        ready.abort()
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which prints it
+        report.errors.append(f"{window.target}: {error!r}"[:500])
     finally:
-        if pusher is not None:
-            pusher.close()
-        report.latencies_s.extend(latencies)  # list.extend is atomic under the GIL
-        report.ended_at = max(report.ended_at, time.monotonic())
+        # list.extend and list.append are atomic under the GIL.
+        report.latencies_s.extend(latencies)
+        report.ends.append(time.monotonic())
 
 
-def _run_task(task: WorkerTask, delta: np.ndarray, conn: Connection) -> WorkerReport:
+def _run_window(pushers: Sequence[_Pusher], window: Window) -> WorkerReport:
     report = WorkerReport()
-    ready = threading.Barrier(task.threads + 1)
-    start = _StartSignal()
-    threads = [
-        threading.Thread(target=_push_loop, args=(task, delta, i, ready, start, report), daemon=True)
-        for i in range(task.threads)
-    ]
+    cpu = time.process_time()
+    threads = [threading.Thread(target=_push_loop, args=(p, window, report), daemon=True) for p in pushers]
     for thread in threads:
         thread.start()
-    try:
-        ready.wait(timeout=SETUP_TIMEOUT_S)
-        conn.send("ready")
-    except threading.BrokenBarrierError:
-        conn.send("failed")
-    begin = conn.recv()
-    cpu_before = time.process_time()
-    start.fire(begin)
     for thread in threads:
         thread.join()
-    report.cpu_s = time.process_time() - cpu_before
+    report.cpu_s = time.process_time() - cpu
     return report
+
+
+def _serve_task(task: WorkerTask, delta: np.ndarray, conn: Connection) -> None:
+    """Connect every thread to every server (pulling in parallel), then run the
+    windows the parent sends until it sends None."""
+    pushers: list[dict[str, _Pusher]] = []
+    try:
+        with futures.ThreadPoolExecutor(max_workers=task.threads) as pool:
+            pushers = list(pool.map(lambda thread: _open_pushers(task, delta, thread), range(task.threads)))
+        conn.send("ready")
+    except Exception as error:  # noqa: BLE001 - the parent raises it
+        conn.send(f"worker {task.worker} could not connect: {error!r}")
+    try:
+        while (window := conn.recv()) is not None:
+            conn.send(_run_window([p[window.target] for p in pushers], window))
+    finally:
+        for by_target in pushers:
+            for pusher in by_target.values():
+                pusher.close()
 
 
 def _worker_main(conn: Connection) -> None:
@@ -397,12 +408,12 @@ def _worker_main(conn: Connection) -> None:
         if task.params not in deltas:
             deltas.clear()
             deltas[task.params] = _make_delta(task.params)
-        conn.send(_run_task(task, deltas[task.params], conn))
+        _serve_task(task, deltas[task.params], conn)
 
 
 def _make_delta(params: int) -> np.ndarray:
     rng = np.random.default_rng(params)
-    return (rng.standard_normal(params, dtype=np.float32) * np.float32(1e-3)).astype(np.float32)
+    return rng.standard_normal(params, dtype=np.float32) * np.float32(1e-3)
 
 
 # --------------------------------------------------------------------------- #
@@ -410,13 +421,19 @@ def _make_delta(params: int) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 
 
+def _receive(pipe: Connection, timeout_s: float) -> Any:
+    if not pipe.poll(timeout_s):
+        raise TimeoutError(f"no answer from a bench process within {timeout_s:.0f} s")
+    return pipe.recv()
+
+
 class ClientPool:
-    """Client processes spawned once and reused by every run: spawning one and
-    importing grpc, numpy and the SDK costs about a second."""
+    """Client processes spawned once and reused by every configuration:
+    spawning one and importing grpc, numpy and the SDK costs about a second."""
 
     def __init__(self, context: multiprocessing.context.SpawnContext, size: int) -> None:
         self._pipes: list[Connection] = []
-        self._processes: list[mp.process.BaseProcess] = []
+        self._processes: list[multiprocessing.context.SpawnProcess] = []
         for index in range(size):
             ours, theirs = context.Pipe()
             process = context.Process(target=_worker_main, args=(theirs,), name=f"bench-client-{index}", daemon=True)
@@ -425,24 +442,26 @@ class ClientPool:
             self._processes.append(process)
         self._active: list[Connection] = []
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._processes if p.pid is not None]
-
-    def prepare(self, tasks: Sequence[WorkerTask]) -> bool:
-        """Hand out tasks and wait until every thread is connected (and has
-        pulled). False when some thread could not set up."""
+    @contextlib.contextmanager
+    def connected(self, tasks: Sequence[WorkerTask]) -> Iterator[None]:
+        """Every task's threads connected to every server until the block exits."""
         self._active = self._pipes[: len(tasks)]
         for pipe, task in zip(self._active, tasks):
             pipe.send(task)
-        return all(_receive(pipe, SETUP_TIMEOUT_S) == "ready" for pipe in self._active)
+        try:
+            answers = [_receive(pipe, SETUP_TIMEOUT_S) for pipe in self._active]
+            failures = [a for a in answers if a != "ready"]
+            if failures:
+                raise RuntimeError("; ".join(failures))
+            yield
+        finally:
+            for pipe in self._active:
+                pipe.send(None)
 
-    def start(self, at: float) -> None:
+    def run_window(self, window: Window) -> list[WorkerReport]:
         for pipe in self._active:
-            pipe.send(at)
-
-    def collect(self, timeout_s: float) -> list[WorkerReport]:
-        return [_receive(pipe, timeout_s) for pipe in self._active]
+            pipe.send(window)
+        return [_receive(pipe, window.seconds + 2 * PUSH_TIMEOUT_S) for pipe in self._active]
 
     def close(self) -> None:
         for pipe in self._pipes:
@@ -454,25 +473,21 @@ class ClientPool:
                 process.kill()
 
 
-def _receive(pipe: Connection, timeout_s: float) -> Any:
-    if not pipe.poll(timeout_s):
-        raise TimeoutError(f"no answer from a bench process within {timeout_s:.0f} s")
-    return pipe.recv()
-
-
 class ServerProcess:
-    """One server in a spawned process, driven over a pipe."""
+    """One server in a spawned process, driven over a pipe. Starts at once;
+    `wait_ready` lets several start side by side."""
 
     def __init__(self, context: multiprocessing.context.SpawnContext, target: str, params: int, max_workers: int) -> None:
+        self.target = target
+        self.address = ""
         self._pipe, theirs = context.Pipe()
         self._process = context.Process(
             target=_server_main, args=(theirs, target, params, max_workers), name=f"bench-server-{target}", daemon=True
         )
-
-    def __enter__(self) -> ServerProcess:
         self._process.start()
-        self.address: str = _receive(self._pipe, SERVER_START_TIMEOUT_S)
-        return self
+
+    def wait_ready(self) -> None:
+        self.address = _receive(self._pipe, SERVER_START_TIMEOUT_S)
 
     @property
     def pid(self) -> int:
@@ -483,7 +498,7 @@ class ServerProcess:
         self._pipe.send("snapshot")
         return _receive(self._pipe, 30.0)  # type: ignore[no-any-return]
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         with contextlib.suppress(OSError):
             self._pipe.send("stop")
         self._process.join(timeout=30)
@@ -518,77 +533,68 @@ class RssSampler:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    target: str
-    params: int
-    clients: int
-    procs: int
-    seconds: float
-    max_updates: int
+class WindowResult:
+    begin: float
+    reports: list[WorkerReport]
+    before: ServerSnapshot
+    after: ServerSnapshot
+    peak_rss_bytes: int
+    machine_cores_busy: float
 
     @property
-    def threads_per_proc(self) -> list[int]:
-        base, extra = divmod(self.clients, self.procs)
-        return [base + (1 if i < extra else 0) for i in range(self.procs)]
+    def updates(self) -> int:
+        return sum(len(r.latencies_s) for r in self.reports)
 
     @property
-    def payload_bytes(self) -> int:
-        return self.params * 4
+    def elapsed_s(self) -> float:
+        # Pushes started before the deadline count whole, so the window ends
+        # when the last one does.
+        return max([e for r in self.reports for e in r.ends] + [self.begin + 1e-9]) - self.begin
 
 
 @dataclass(frozen=True)
 class ServerBreakdown:
-    """Where the server's time went during a run, each as core-seconds per
-    second of server wall time (so 1.0 is one core busy the whole run)."""
+    """Where a server's time went, summed over its windows. Rates are core-seconds
+    per second of server wall time: 1.0 is one core busy the whole time."""
 
     wall_s: float
     cpu: float
     handlers: float
-    """RPC handler threads: for tributary, the servicer's Push (copying chunks into the payload buffer, submit)."""
+    """RPC handler threads; for Tributary the servicer's Push: copying chunks into the payload buffer, submit."""
     poller: float
-    """grpc's Python poller thread (sync servers): deserializing every message."""
+    """grpc's Python poller thread (threaded servers): deserializing every request message."""
     core: float
     """Everything else: grpc core's native threads (sockets, HTTP/2), the main thread."""
     aggregating: float
     """Thread CPU in Job.submit: NaN/Inf check, fedbuff accumulate, publishing versions."""
     receiving: float
-    """cpu - aggregating: receiving, deserializing and assembling the payload."""
+    """cpu - aggregating: receiving, deserializing and assembling payloads."""
     lock_busy: float
     """Fraction of wall time the job lock was held by FedBuff.take and publishing."""
+    lock_ms_wall: float
+    """Per update, wall time aggregation held the job lock ..."""
+    lock_ms_cpu: float
+    """... and the CPU it used meanwhile; the difference is time the lock holder waited for the GIL or a core."""
+    submit_ms_wall: float
+    """Per update, wall time in Job.submit, waiting for the lock included."""
 
 
-@dataclass(frozen=True)
-class RunResult:
-    target: str
-    params: int
-    clients: int
-    layout: str
-    updates: int
-    elapsed_s: float
-    updates_per_s: float
-    mb_per_s: float
-    p50_ms: float
-    p99_ms: float
-    server_peak_rss_mib: float
-    client_cpu: float
-    """Core-seconds per second used by all client processes together."""
-    server: ServerBreakdown
-    errors: list[str]
+def _breakdown(windows: Sequence[WindowResult]) -> ServerBreakdown:
+    def total(part: Callable[[ServerSnapshot, ServerSnapshot], float]) -> float:
+        return sum(part(w.before, w.after) for w in windows)
 
-
-def _breakdown(before: ServerSnapshot, after: ServerSnapshot) -> ServerBreakdown:
-    wall = max(after.at - before.at, 1e-9)
-
-    def threads_cpu(tids: frozenset[int]) -> float:
-        return sum(after.thread_cpu_s.get(t, 0.0) - before.thread_cpu_s.get(t, 0.0) for t in tids)
+    def threads(pick: Callable[[ServerSnapshot], frozenset[int]]) -> Callable[[ServerSnapshot, ServerSnapshot], float]:
+        return lambda b, a: sum(a.thread_cpu_s.get(t, 0.0) - b.thread_cpu_s.get(t, 0.0) for t in pick(a))
 
     def counter(name: str) -> float:
-        return after.counters.get(name, 0.0) - before.counters.get(name, 0.0)
+        return total(lambda b, a: a.counters.get(name, 0.0) - b.counters.get(name, 0.0))
 
-    cpu = after.cpu_s - before.cpu_s
-    handlers = threads_cpu(after.handler_tids)
-    poller = threads_cpu(after.poller_tids - after.handler_tids)
+    wall = max(total(lambda b, a: a.at - b.at), 1e-9)
+    cpu = total(lambda b, a: a.cpu_s - b.cpu_s)
+    handlers = total(threads(lambda s: s.handler_tids))
+    poller = total(threads(lambda s: s.poller_tids - s.handler_tids))
     aggregating = counter("submit_cpu")
+    takes = max(counter("take_calls"), 1.0)
     return ServerBreakdown(
         wall_s=wall,
         cpu=cpu / wall,
@@ -598,73 +604,149 @@ def _breakdown(before: ServerSnapshot, after: ServerSnapshot) -> ServerBreakdown
         aggregating=aggregating / wall,
         receiving=(cpu - aggregating) / wall,
         lock_busy=(counter("take_wall") + counter("publish_wall")) / wall,
+        lock_ms_wall=(counter("take_wall") + counter("publish_wall")) / takes * 1e3,
+        lock_ms_cpu=(counter("take_cpu") + counter("publish_cpu")) / takes * 1e3,
+        submit_ms_wall=counter("submit_wall") / max(counter("submit_calls"), 1.0) * 1e3,
     )
 
 
-def run_one(config: RunConfig, pool: ClientPool, context: multiprocessing.context.SpawnContext) -> RunResult:
-    # Every stream holds a server thread; both threaded servers get the same pool.
-    max_workers = max(ServerConfig.max_workers, config.clients + 4)
-    with ServerProcess(context, config.target, config.params, max_workers) as server:
-        tasks = [
-            WorkerTask(config.target, server.address, config.params, threads, config.seconds, config.max_updates, index)
-            for index, threads in enumerate(config.threads_per_proc)
-        ]
-        setup_ok = pool.prepare(tasks)
-        with RssSampler(server.pid) as rss:
-            before = server.snapshot()
-            begin = time.monotonic() + START_DELAY_S
-            pool.start(begin)
-            reports = pool.collect(config.seconds + 2 * PUSH_TIMEOUT_S)
-            after = server.snapshot()
-    errors = [e for r in reports for e in r.errors] + ([] if setup_ok else ["some clients failed to connect"])
-    return _summarize(config, begin, reports, _breakdown(before, after), rss.peak_bytes, errors)
+@dataclass(frozen=True)
+class RunResult:
+    target: str
+    params: int
+    clients: int
+    layout: str
+    """client processes x threads per process (the largest share)."""
+    updates: int
+    updates_per_s: float
+    mb_per_s: float
+    """Median over the windows."""
+    mb_per_s_windows: list[float]
+    p50_ms: float
+    p99_ms: float
+    server_peak_rss_mib: float
+    client_cpu: float
+    """Core-seconds per second used by all client processes together."""
+    machine_cpu: float
+    """Cores the whole machine kept busy (clients, server, kernel), mean over the windows."""
+    server: ServerBreakdown
+    errors: list[str]
 
 
-def _summarize(
-    config: RunConfig,
-    begin: float,
-    reports: Sequence[WorkerReport],
-    server: ServerBreakdown,
-    peak_rss: int,
-    errors: list[str],
-) -> RunResult:
-    latencies = np.array([x for r in reports for x in r.latencies_s])
-    # Every push that started before the deadline is counted whole, so the run
-    # ends when the last one does.
-    elapsed = max((r.ended_at for r in reports), default=begin) - begin
-    elapsed = max(elapsed, 1e-9)
-    updates = int(latencies.size)
-    percentile = (lambda q: float(np.percentile(latencies, q)) * 1e3) if updates else (lambda q: float("nan"))
+def _summarize(target: str, params: int, clients: int, layout: str, windows: Sequence[WindowResult]) -> RunResult:
+    latencies = np.array([x for w in windows for r in w.reports for x in r.latencies_s])
+    rates = [w.updates / w.elapsed_s for w in windows]
+    elapsed = sum(w.elapsed_s for w in windows)
+
+    def percentile_ms(q: float) -> float:
+        return float(np.percentile(latencies, q)) * 1e3 if latencies.size else float("nan")
+
     return RunResult(
-        target=config.target,
-        params=config.params,
-        clients=config.clients,
-        layout=f"{config.procs}x{max(config.threads_per_proc)}",
-        updates=updates,
-        elapsed_s=elapsed,
-        updates_per_s=updates / elapsed,
-        mb_per_s=updates * config.payload_bytes / elapsed / MB,
-        p50_ms=percentile(50),
-        p99_ms=percentile(99),
-        server_peak_rss_mib=peak_rss / MIB,
-        client_cpu=sum(r.cpu_s for r in reports) / elapsed,
-        server=server,
-        errors=errors,
+        target=target,
+        params=params,
+        clients=clients,
+        layout=layout,
+        updates=int(latencies.size),
+        updates_per_s=statistics.median(rates),
+        mb_per_s=statistics.median(rates) * params * 4 / MB,
+        mb_per_s_windows=[rate * params * 4 / MB for rate in rates],
+        p50_ms=percentile_ms(50),
+        p99_ms=percentile_ms(99),
+        server_peak_rss_mib=max(w.peak_rss_bytes for w in windows) / MIB,
+        client_cpu=sum(r.cpu_s for w in windows for r in w.reports) / elapsed,
+        machine_cpu=statistics.fmean(w.machine_cores_busy for w in windows),
+        server=_breakdown(windows),
+        errors=[e for w in windows for r in w.reports for e in r.errors],
     )
+
+
+@dataclass(frozen=True)
+class Settings:
+    targets: tuple[str, ...]
+    seconds: float
+    rounds: int
+    max_updates: int
+    client_procs: int
+
+    @property
+    def window_s(self) -> float:
+        return self.seconds / self.rounds
+
+
+def _procs_for(clients: int, max_procs: int) -> int:
+    # At least two threads per process where N allows, so each process
+    # multiplexes several streams on its connection, as an app's threads would.
+    return max(1, min(max_procs, clients // 2))
+
+
+def _split(clients: int, procs: int) -> list[int]:
+    base, extra = divmod(clients, procs)
+    return [base + (1 if i < extra else 0) for i in range(procs)]
+
+
+def _busy_cores(before: Any, after: Any, wall_s: float) -> float:
+    """Cores the whole machine kept busy between two psutil.cpu_times(): on a
+    small box the clients, the server and the kernel's loopback share them."""
+    idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
+    return max(psutil.cpu_count() - idle / wall_s, 0.0) if wall_s > 0 else 0.0
+
+
+def _measure_window(server: ServerProcess, pool: ClientPool, settings: Settings) -> WindowResult:
+    with RssSampler(server.pid) as rss:
+        before = server.snapshot()
+        machine_before = psutil.cpu_times()
+        begin = time.monotonic() + START_DELAY_S
+        reports = pool.run_window(Window(server.target, begin, settings.window_s, settings.max_updates))
+        machine_after = psutil.cpu_times()
+        after = server.snapshot()
+    busy = _busy_cores(machine_before, machine_after, after.at - before.at)
+    return WindowResult(begin, reports, before, after, rss.peak_bytes, busy)
+
+
+def run_configuration(
+    params: int, clients: int, settings: Settings, pool: ClientPool, context: multiprocessing.context.SpawnContext
+) -> list[RunResult]:
+    # Every open stream holds a thread of a threaded server; both get the same pool.
+    max_workers = max(ServerConfig.max_workers, clients + 4)
+    threads = _split(clients, _procs_for(clients, settings.client_procs))
+    windows: dict[str, list[WindowResult]] = {target: [] for target in settings.targets}
+    with contextlib.ExitStack() as stack:
+        servers = [ServerProcess(context, target, params, max_workers) for target in settings.targets]
+        for server in servers:
+            stack.callback(server.stop)
+        for server in servers:
+            server.wait_ready()
+        addresses = {s.target: s.address for s in servers}
+        tasks = [WorkerTask(addresses, params, n, index) for index, n in enumerate(threads)]
+        with pool.connected(tasks):
+            for round_ in range(settings.rounds):
+                # Rotate the order so no server always runs first or last.
+                shift = round_ % len(servers)
+                for server in servers[shift:] + servers[:shift]:
+                    windows[server.target].append(_measure_window(server, pool, settings))
+    layout = f"{len(threads)}x{max(threads)}"
+    return [_summarize(target, params, clients, layout, windows[target]) for target in settings.targets]
 
 
 def aggregation_only(params: int, min_seconds: float = 0.5) -> float:
     """MB/s that Job.submit alone sustains on one thread, no gRPC: the ceiling
-    aggregation puts on ingest. At least one buffer's worth, so publishing a
-    version is included."""
+    aggregation puts on ingest. Measured after one warm-up buffer, over whole
+    buffers, so publishing versions is included."""
     job_config = JobConfig(job_id=JOB_ID, strategy=StrategyConfig(name="fedbuff"))
     job = Job(job_config, {TENSOR: np.zeros(params, dtype=np.float32)})
     delta = {TENSOR: _make_delta(params)}
     specs = tuple(specs_of(delta))
-    count, started = 0, time.perf_counter()
-    while count < job_config.strategy.buffer_size or time.perf_counter() - started < min_seconds:
+    buffer_size = job_config.strategy.buffer_size
+
+    def submit() -> None:
         header = UpdateHeader(JOB_ID, "agg-only", uuid.uuid4().hex, base_version=0, num_samples=1, specs=specs)
         job.submit(Update(header, delta))
+
+    for _ in range(buffer_size):
+        submit()
+    count, started = 0, time.perf_counter()
+    while count < 2 * buffer_size or count % buffer_size or time.perf_counter() - started < min_seconds:
+        submit()
         count += 1
     return count * params * 4 / (time.perf_counter() - started) / MB
 
@@ -682,7 +764,7 @@ def _count(n: int) -> str:
 
 
 def _parse_count(text: str) -> int:
-    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1].lower(), 1)
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
     try:
         value = int(float(text[:-1] if scale > 1 else text) * scale)
     except ValueError:
@@ -693,25 +775,25 @@ def _parse_count(text: str) -> int:
 
 
 def comparisons(results: Sequence[RunResult], agg_only: dict[int, float]) -> list[dict[str, Any]]:
-    """Per (P, N): tributary and raw-aio against raw-thr, and tributary's server breakdown."""
+    """Per (P, N): every server against raw-thr, and Tributary's server breakdown."""
     by_key = {(r.params, r.clients, r.target): r for r in results}
     rows = []
     for params, clients in dict.fromkeys((r.params, r.clients) for r in results):
         raw = by_key.get((params, clients, RAW_THREADED))
-        aio = by_key.get((params, clients, RAW_AIO))
-        trib = by_key.get((params, clients, TRIBUTARY))
-        ratio = (lambda r: r.mb_per_s / raw.mb_per_s if r and raw and raw.mb_per_s else None)
-        rows.append(
-            {
-                "params": params,
-                "clients": clients,
-                "tributary_over_raw_threaded": ratio(trib),
-                "raw_aio_over_raw_threaded": ratio(aio),
-                "tributary_server": dataclasses.asdict(trib.server) if trib else None,
-                "aggregation_only_mb_per_s": agg_only.get(params),
-            }
-        )
+        tributary = by_key.get((params, clients, TRIBUTARY))
+        row: dict[str, Any] = {"params": params, "clients": clients}
+        for target in (TRIBUTARY, TRIBUTARY_NO_AGGREGATION, RAW_AIO):
+            other = by_key.get((params, clients, target))
+            ok = other is not None and raw is not None and raw.mb_per_s > 0
+            row[f"{target}/{RAW_THREADED}"] = other.mb_per_s / raw.mb_per_s if ok else None  # type: ignore[union-attr]
+        row["tributary_server"] = dataclasses.asdict(tributary.server) if tributary else None
+        row["aggregation_only_mb_per_s"] = agg_only.get(params)
+        rows.append(row)
     return rows
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def print_report(results: Sequence[RunResult], rows: Sequence[dict[str, Any]]) -> None:
@@ -719,37 +801,45 @@ def print_report(results: Sequence[RunResult], rows: Sequence[dict[str, Any]]) -
     from rich.table import Table
 
     console = Console()
-    runs = Table(title="Ingest: N clients pushing P float32 parameters over loopback gRPC (MB = 10^6 bytes)")
-    for name in ("P", "N", "procs x thr", "server", "upd/s", "MB/s", "p50 ms", "p99 ms", "srv peak RSS MiB", "srv CPU", "cli CPU"):
+    if not console.is_terminal:
+        console = Console(width=170)  # a log file should not wrap the tables
+
+    runs = Table(title="Ingest: N clients pushing P float32 parameters over loopback gRPC (MB = 10^6 bytes; rates are medians of the windows)")
+    for name in ("P", "N", "procs x thr", "server", "upd/s", "MB/s", "p50 ms", "p99 ms", "srv peak RSS MiB", "srv CPU", "cli CPU", "box CPU"):
         runs.add_column(name, justify="right")
     for r in results:
         runs.add_row(
             _count(r.params), str(r.clients), r.layout, r.target, f"{r.updates_per_s:.1f}", f"{r.mb_per_s:.0f}",
             f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.server_peak_rss_mib:.0f}", f"{r.server.cpu:.2f}", f"{r.client_cpu:.2f}",
+            f"{r.machine_cpu:.2f}",
         )
     console.print(runs)
 
-    where = Table(title="Tributary vs raw gRPC, and where the tributary server's time goes (core-s per s of wall)")
-    for name in ("P", "N", "trib/raw-thr", "aio/raw-thr", "aggregating", "recv+decode", "lock busy", "handlers", "poller", "grpc core", "agg-only MB/s"):
+    where = Table(title="Against raw threaded gRPC, and where the tributary server's time goes (core-seconds per second of wall)")
+    for name in (
+        "P", "N", "trib/raw", "noagg/raw", "aio/raw", "aggregating", "recv+decode", "lock busy",
+        "lock ms/upd wall|cpu", "handlers", "poller", "grpc core", "agg-only MB/s",
+    ):
         where.add_column(name, justify="right")
     for row in rows:
         s = row["tributary_server"] or {}
-        fmt = (lambda v, spec=".2f": "-" if v is None else format(v, spec))
+        lock_ms = f"{s['lock_ms_wall']:.1f} | {s['lock_ms_cpu']:.1f}" if s else "-"
         where.add_row(
-            _count(row["params"]), str(row["clients"]), fmt(row["tributary_over_raw_threaded"], ".0%"),
-            fmt(row["raw_aio_over_raw_threaded"], ".0%"), fmt(s.get("aggregating")), fmt(s.get("receiving")),
-            fmt(s.get("lock_busy"), ".0%"), fmt(s.get("handlers")), fmt(s.get("poller")), fmt(s.get("core")),
-            fmt(row["aggregation_only_mb_per_s"], ".0f"),
+            _count(row["params"]), str(row["clients"]), _fmt(row[f"{TRIBUTARY}/{RAW_THREADED}"], ".0%"),
+            _fmt(row[f"{TRIBUTARY_NO_AGGREGATION}/{RAW_THREADED}"], ".0%"), _fmt(row[f"{RAW_AIO}/{RAW_THREADED}"], ".0%"),
+            _fmt(s.get("aggregating")), _fmt(s.get("receiving")), _fmt(s.get("lock_busy"), ".0%"), lock_ms,
+            _fmt(s.get("handlers")), _fmt(s.get("poller")), _fmt(s.get("core")), _fmt(row["aggregation_only_mb_per_s"], ".0f"),
         )
     console.print(where)
+
     for r in results:
         for error in r.errors[:3]:
-            console.print(f"[red]error[/red] {error}")
+            console.print(f"[red]error[/red] P={_count(r.params)} N={r.clients}: {error}")
     target = next((row for row in rows if (row["params"], row["clients"]) == TARGET_CONFIG), None)
-    if target and target["tributary_over_raw_threaded"] is not None:
-        ratio = target["tributary_over_raw_threaded"]
+    if target and target[f"{TRIBUTARY}/{RAW_THREADED}"] is not None:
+        ratio = target[f"{TRIBUTARY}/{RAW_THREADED}"]
         verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-        console.print(f"target P=1M N=16: tributary moves {ratio:.0%} of raw threaded gRPC (>= {TARGET_RATIO:.0%}): {verdict}")
+        console.print(f"target P=1M N=16: tributary moves {ratio:.0%} of raw threaded gRPC's MB/s (goal >= {TARGET_RATIO:.0%}): {verdict}")
 
 
 def machine() -> dict[str, Any]:
@@ -769,13 +859,15 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, args: argparse.Namespace, results: Sequence[RunResult], rows: Sequence[dict[str, Any]], agg_only: dict[int, float]) -> None:
+def write_json(
+    path: Path, settings: Settings, results: Sequence[RunResult], rows: Sequence[dict[str, Any]], agg_only: dict[int, float]
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "benchmark": "throughput",
-        "command": [Path(sys.executable).name, "-m", "bench.throughput", *sys.argv[1:]],
+        "command": ["python", "-m", "bench.throughput", *sys.argv[1:]],
         "machine": machine(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": dataclasses.asdict(settings),
         "runs": [dataclasses.asdict(r) for r in results],
         "comparisons": list(rows),
         "aggregation_only_mb_per_s": {str(p): v for p, v in agg_only.items()},
@@ -789,50 +881,48 @@ def write_json(path: Path, args: argparse.Namespace, results: Sequence[RunResult
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput",
+        description="Tributary ingest throughput against raw gRPC client streaming, on loopback.",
+    )
     parser.add_argument("--clients", type=_parse_count, nargs="+", default=[4, 16, 64], help="concurrent streams N (default: 4 16 64)")
     parser.add_argument("--params", type=_parse_count, nargs="+", default=[100_000, 1_000_000, 10_000_000], help="float32 parameters P (default: 100k 1M 10M)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="pushing time per server and configuration (default: 4)")
-    parser.add_argument("--max-updates", type=_parse_count, default=10_000, help="pushes per client per run at most (default: 10000)")
-    parser.add_argument("--client-procs", type=_parse_count, default=4, help="client processes at most; each runs N/procs threads, at least 2 (default: 4)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="pushing time per server and configuration, split into --rounds windows (default: 4)")
+    parser.add_argument("--rounds", type=_parse_count, default=3, help="interleaved windows per server and configuration (default: 3)")
+    parser.add_argument("--max-updates", type=_parse_count, default=10_000, help="pushes per client and window at most (default: 10000)")
+    parser.add_argument("--client-procs", type=_parse_count, default=4, help="client processes at most, N/procs threads each (default: 4)")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="servers to measure (default: all)")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/throughput.json"), help="where to write results")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results (default: bench/results/throughput.json)")
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error("--seconds must be > 0")
     return args
 
 
-def _procs_for(clients: int, max_procs: int) -> int:
-    # At least two threads per process where N allows, so every process
-    # multiplexes several streams on its channel, as an app's threads would.
-    return max(1, min(max_procs, clients // 2))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    context = mp.get_context("spawn")  # grpc does not survive fork
+    settings = Settings(tuple(dict.fromkeys(args.targets)), args.seconds, args.rounds, args.max_updates, args.client_procs)
+    context = multiprocessing.get_context("spawn")  # grpc does not survive fork
+    started = time.monotonic()
     agg_only = {params: aggregation_only(params) for params in args.params}
-    pool = ClientPool(context, max(_procs_for(n, args.client_procs) for n in args.clients))
+    pool = ClientPool(context, max(_procs_for(n, settings.client_procs) for n in args.clients))
     results: list[RunResult] = []
     try:
         for params in args.params:
             for clients in args.clients:
-                for target in args.targets:
-                    config = RunConfig(target, params, clients, _procs_for(clients, args.client_procs), args.seconds, args.max_updates)
-                    result = run_one(config, pool, context)
+                for result in run_configuration(params, clients, settings, pool, context):
+                    results.append(result)
                     print(
-                        f"  {_count(params):>5} x{clients:<3} {target:<9} {result.mb_per_s:8.0f} MB/s "
-                        f"{result.updates_per_s:8.1f} upd/s  p99 {result.p99_ms:7.1f} ms",
+                        f"{_count(params):>5} x{clients:<3} {result.target:<10} {result.mb_per_s:7.0f} MB/s "
+                        f"({' '.join(f'{x:.0f}' for x in result.mb_per_s_windows)})  p99 {result.p99_ms:8.1f} ms",
                         flush=True,
                     )
-                    results.append(result)
     finally:
         pool.close()
     rows = comparisons(results, agg_only)
     print_report(results, rows)
-    write_json(args.json, args, results, rows, agg_only)
-    print(f"wrote {args.json}")
+    write_json(args.json, settings, results, rows, agg_only)
+    print(f"wrote {args.json} after {time.monotonic() - started:.0f} s")
     return 1 if any(r.errors for r in results) else 0
 
 
