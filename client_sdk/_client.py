@@ -186,7 +186,9 @@ class Client:
         def requests() -> Iterator[pb.PushRequest]:
             yield pb.PushRequest(update=header)
             for data in iter_chunks(arrays.values()):
-                yield pb.PushRequest(chunk=pb.Chunk(data=data))
+                request = pb.PushRequest()
+                request.chunk.data = data  # one copy; PushRequest(chunk=Chunk(data=...)) makes two
+                yield request
 
         ack: pb.PushAck = self._with_retries("push", lambda: self._stub.Push(requests(), timeout=self.timeout_s))
         return PushResult(

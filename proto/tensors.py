@@ -144,8 +144,10 @@ class PayloadAssembler:
     def __init__(self, specs: Sequence[TensorSpec], max_chunk_bytes: int = CHUNK_BYTES) -> None:
         self._specs = list(specs)
         self._expected = sum(s.nbytes for s in self._specs)
-        self._buffer = bytearray(self._expected)
-        self._view = memoryview(self._buffer)
+        # np.empty, not bytearray: no zero-filling of memory every byte of which
+        # is about to be overwritten (finish() refuses a buffer not fully written)
+        self._buffer = np.empty(self._expected, dtype=np.uint8)
+        self._view = memoryview(self._buffer)  # type: ignore[arg-type]  # ndarray is a buffer
         self._filled = 0
         self._max_chunk = max_chunk_bytes
 
@@ -172,7 +174,7 @@ class PayloadAssembler:
         return split_payload(self._specs, self._buffer)
 
 
-def split_payload(specs: Sequence[TensorSpec], buffer: Union[bytes, bytearray, memoryview]) -> dict[str, np.ndarray]:
+def split_payload(specs: Sequence[TensorSpec], buffer: Union[bytes, bytearray, memoryview, np.ndarray]) -> dict[str, np.ndarray]:
     """Views of each tensor inside `buffer` (no copy), in header order."""
     tensors: dict[str, np.ndarray] = {}
     offset = 0

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from proto.tensors import CHUNK_BYTES, TensorSpec, specs_of
+from proto.tensors import CHUNK_BYTES, TensorSpec, iter_chunks, specs_of
 from server.config import JobConfig, ServerConfig
 from server.errors import (
     IdempotencyConflict,
@@ -39,7 +39,7 @@ from server.errors import (
     StaleUpdate,
     UnknownVersion,
 )
-from server.strategies import Strategy, build_strategy
+from server.strategies import Strategy, all_finite, build_strategy
 
 _FLOAT_KINDS = "f"
 VERSION_LOG_LENGTH = 10_000
@@ -48,34 +48,42 @@ MAX_NUM_SAMPLES = 1 << 32
 
 
 class ModelSnapshot:
-    """One published version: tensors laid out back to back in a single
-    read-only buffer, which is exactly the payload a pull streams."""
+    """One published version. It takes ownership of the arrays it is given
+    (the strategies hand over freshly computed ones, so publishing copies
+    nothing) and marks them read-only."""
 
     def __init__(self, version: int, specs: Sequence[TensorSpec], tensors: Mapping[str, np.ndarray]) -> None:
         self.version = version
         self.specs = tuple(specs)
         self.created_at = time.time()
-        buffer = np.empty(sum(s.nbytes for s in self.specs), dtype=np.uint8)
-        views: dict[str, np.ndarray] = {}
-        offset = 0
+        owned: dict[str, np.ndarray] = {}
         for spec in self.specs:
-            view = buffer[offset : offset + spec.nbytes].view(spec.dtype).reshape(spec.shape)
-            view[...] = tensors[spec.name]
-            views[spec.name] = view
-            offset += spec.nbytes
-        buffer.flags.writeable = False
-        for view in views.values():
-            view.flags.writeable = False
-        self._payload = memoryview(buffer).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
-        self.tensors: Mapping[str, np.ndarray] = types.MappingProxyType(views)
+            array = np.asarray(tensors[spec.name], dtype=spec.dtype, order="C")
+            _freeze(array)
+            owned[spec.name] = array.view()  # a view of a read-only base cannot be made writeable again
+        self.tensors: Mapping[str, np.ndarray] = types.MappingProxyType(owned)
 
     @property
     def payload_bytes(self) -> int:
-        return len(self._payload)
+        return sum(spec.nbytes for spec in self.specs)
+
+    @classmethod
+    def copy_of(cls, version: int, specs: Sequence[TensorSpec], tensors: Mapping[str, np.ndarray]) -> ModelSnapshot:
+        """A snapshot of arrays the caller keeps (and might change later)."""
+        return cls(version, specs, {name: np.array(array, copy=True) for name, array in tensors.items()})
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-        for start in range(0, len(self._payload), chunk_bytes):
-            yield bytes(self._payload[start : start + chunk_bytes])
+        return iter_chunks(self.tensors.values(), chunk_bytes)
+
+
+def _freeze(array: np.ndarray) -> None:
+    """Read-only down to the array that owns the memory, so no view of it
+    (ours or anyone's) can be switched back to writeable."""
+    chain = [array]
+    while isinstance(chain[-1].base, np.ndarray):
+        chain.append(chain[-1].base)
+    for link in reversed(chain):
+        link.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ class Job:
         self._strategy: Strategy = build_strategy(config.strategy)
         self._lock = threading.Lock()
         self._version_changed = threading.Condition(self._lock)
-        self._current = ModelSnapshot(0, self.specs, initial)
+        self._current = ModelSnapshot.copy_of(0, self.specs, initial)
         self._acks: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
         self.stats = JobStats()
         self.stats.versions.append((0, self._current.created_at))
@@ -206,7 +214,7 @@ class Job:
     def submit(self, update: Update) -> PushOutcome:
         header = update.header
         for name, tensor in update.delta.items():
-            if not np.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise InvalidUpdate(f"tensor {name!r} of the update holds NaN or Inf values; nothing was applied")
         with self._lock:
             remembered = self._recall(header)

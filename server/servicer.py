@@ -63,7 +63,9 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             header = pb.ModelHeader(job_id=job.job_id, version=snapshot.version, header=header_to_pb(snapshot.specs))
         yield pb.PullResponse(model=header)
         for data in snapshot.chunks():
-            yield pb.PullResponse(chunk=pb.Chunk(data=data))
+            response = pb.PullResponse()
+            response.chunk.data = data  # one copy; PullResponse(chunk=Chunk(data=...)) makes two
+            yield response
 
     def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushAck:
         job: Job | None = None

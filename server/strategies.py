@@ -10,6 +10,7 @@ and cast the result back to the model's dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -48,8 +49,12 @@ class FedAsync:
 
     def take(self, params: Params, delta: Params, *, staleness_weight: float, num_samples: int, client_id: str) -> dict[str, np.ndarray]:
         scale = self.alpha * staleness_weight
+        new = {}
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by _require_finite
-            new = {name: x + x.dtype.type(scale) * delta[name] for name, x in params.items()}
+            for name, x in params.items():
+                step = np.multiply(delta[name], x.dtype.type(scale))  # the new array; x + step == step + x exactly
+                step += x
+                new[name] = step
         return _require_finite(new)
 
     @property
@@ -57,11 +62,21 @@ class FedAsync:
         return 0
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """True when `array` holds no NaN or Inf. One float64 sum instead of
+    np.isfinite(...).all(): no temporary array, one pass. Any NaN or Inf makes
+    the sum non-finite, and finite float16/32 values cannot overflow a float64
+    sum (3.4e38 * 2^64 elements is far below 1.8e308)."""
+    if array.dtype == np.float64:
+        return bool(np.isfinite(array).all())  # a float64 sum of finite values could overflow
+    return math.isfinite(np.add.reduce(array, axis=None, dtype=np.float64))
+
+
 def _require_finite(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A finite update can still push the model past its dtype's range; such a
     model would poison every later update, so the update is refused instead."""
     for name, x in params.items():
-        if not np.isfinite(x).all():
+        if not all_finite(x):
             raise InvalidUpdate(
                 f"applying this update would overflow tensor {name!r} of the model to Inf or NaN "
                 f"in {x.dtype.name}; nothing was applied"
@@ -72,36 +87,50 @@ def _require_finite(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class _Accumulator:
     """sum(w_i * delta_i) in float64, plus sum(w_i) and the count. float64
     cannot overflow here: deltas are finite and weights are bounded (s <= 1,
-    num_samples <= 2^32)."""
+    num_samples <= 2^32).
+
+    This runs under the job lock for every update, so it allocates nothing
+    after the first update: products go through a reused scratch buffer."""
 
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] = {}
+        self._scratch: dict[str, np.ndarray] = {}
         self.weight_sum = 0.0
         self.count = 0
 
     def add(self, delta: Params, weight: float) -> None:
         for name, d in delta.items():
-            scaled = np.multiply(d, weight, dtype=np.float64)
-            if name in self.sums:
-                self.sums[name] += scaled
-            else:
-                self.sums[name] = scaled
+            if name not in self.sums:
+                self.sums[name] = np.multiply(d, weight, dtype=np.float64)
+                continue
+            scratch = self._scratch.get(name)
+            if scratch is None:
+                scratch = self._scratch[name] = np.empty(d.shape, np.float64)
+            np.multiply(d, weight, out=scratch, dtype=np.float64)
+            self.sums[name] += scratch
         self.weight_sum += weight
         self.count += 1
 
-    def plus(self, delta: Params, weight: float) -> _Accumulator:
-        """A new accumulator holding this one's updates and one more; this one
-        is left as it was (so a refused last update changes nothing)."""
-        result = _Accumulator()
-        result.sums = {name: s.copy() for name, s in self.sums.items()}
-        result.weight_sum, result.count = self.weight_sum, self.count
-        result.add(delta, weight)
-        return result
+    def reset(self) -> None:
+        """Empty the buffer, keeping its arrays for the next round."""
+        for sums in self.sums.values():
+            sums.fill(0.0)
+        self.weight_sum = 0.0
+        self.count = 0
 
-    def apply(self, params: Params, scale: float) -> dict[str, np.ndarray]:
-        """params + scale * sums, cast back to each tensor's dtype."""
+    def apply_with(self, params: Params, last: Params, last_weight: float, scale: float) -> dict[str, np.ndarray]:
+        """params + scale * (sums + last_weight * last), cast back to each
+        tensor's dtype, without touching the buffer: if the result overflows,
+        the last update is refused and the buffer still holds the others."""
+        new = {}
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked by _require_finite
-            new = {name: (x.astype(np.float64) + scale * self.sums[name]).astype(x.dtype) for name, x in params.items()}
+            for name, x in params.items():
+                total = np.multiply(last[name], last_weight, dtype=np.float64)  # the one temporary
+                if name in self.sums:
+                    total += self.sums[name]
+                total *= scale
+                total += x
+                new[name] = total.astype(x.dtype)
         return _require_finite(new)
 
 
@@ -128,10 +157,10 @@ class FedBuff:
         if self._buffer.count + 1 < self.buffer_size:
             self._buffer.add(delta, weight)
             return None
-        full = self._buffer.plus(delta, weight)
-        norm = full.count if self.normalizer == "count" else full.weight_sum
-        new_params = full.apply(params, self.server_lr / norm)
-        self._buffer = _Accumulator()
+        count, weight_sum = self._buffer.count + 1, self._buffer.weight_sum + weight
+        norm = count if self.normalizer == "count" else weight_sum
+        new_params = self._buffer.apply_with(params, delta, weight, self.server_lr / norm)
+        self._buffer.reset()
         return new_params
 
     @property
@@ -170,9 +199,9 @@ class FedAvg:
             self._round.add(delta, float(num_samples))
             self._contributors.add(client_id)
             return None
-        full = self._round.plus(delta, float(num_samples))
-        new_params = full.apply(params, self.server_lr / full.weight_sum)
-        self._round = _Accumulator()
+        weight_sum = self._round.weight_sum + num_samples
+        new_params = self._round.apply_with(params, delta, float(num_samples), self.server_lr / weight_sum)
+        self._round.reset()
         self._contributors = set()
         return new_params
 
