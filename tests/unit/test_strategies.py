@@ -309,3 +309,25 @@ def test_build_strategy_binds_config_parameters() -> None:
     fedavg = build_strategy(StrategyConfig(name="fedavg", clients_per_round=5, server_lr=2.0))
     assert isinstance(fedavg, FedAvg)
     assert (fedavg.clients_per_round, fedavg.server_lr) == (5, 2.0)
+
+
+def test_fedbuff_blocked_accumulation_is_exact_on_large_tensors() -> None:
+    """Tensors larger than the accumulator's block, weights other than 1: the
+    result equals the float64 formula computed on whole arrays."""
+    from server.strategies import FedBuff
+
+    rng = np.random.default_rng(5)
+    x = {"w": rng.standard_normal(200_003).astype(np.float32), "b": rng.standard_normal((3, 7)).astype(np.float32)}
+    deltas = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in x.items()} for _ in range(3)]
+    weights = [0.7, 1.0, 0.3]
+    strategy = FedBuff(buffer_size=3, server_lr=0.9, weight_by_samples=False, normalizer="count")
+    result = None
+    for delta, weight in zip(deltas, weights):
+        result = strategy.take(x, delta, staleness_weight=weight, num_samples=1, client_id="c")
+    assert result is not None
+    for name, base in x.items():
+        sums = np.float64(weights[0]) * deltas[0][name].astype(np.float64)
+        for delta, weight in zip(deltas[1:], weights[1:]):
+            sums = sums + np.float64(weight) * delta[name].astype(np.float64)
+        expected = (base.astype(np.float64) + (0.9 / 3) * sums).astype(np.float32)
+        np.testing.assert_array_equal(result[name], expected)
