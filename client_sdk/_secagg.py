@@ -1,0 +1,192 @@
+"""The member side of the cohort protocol (see proto/secagg/protocol.py).
+
+`CohortMember` is an explicit state machine: each operation is legal in one
+state only (`MEMBER_STEPS`), checked before any work. A member never gives
+the coordinator both the self-mask share and the mask-key share of the same
+neighbour, and answers one unmasking request per cohort, so no request or
+replay can make it reveal a neighbour's input.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from proto.secagg import keys, shamir
+from proto.secagg.masks import expand_mask
+from proto.secagg.protocol import (
+    CohortPlan,
+    KeyAdvert,
+    MaskedInput,
+    ProtocolViolation,
+    SealedShares,
+    UnmaskRequest,
+    UnmaskResponse,
+    mask_info,
+    share_key_info,
+)
+from proto.secagg.quantize import FixedPoint, add_mod, sub_mod
+from proto.secagg.sealing import associated_data, open_sealed, seal
+
+SELF_MASK = b"self"
+PAIR_MASK = b"pair"
+
+
+class MemberState(enum.Enum):
+    PLANNED = "planned"
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    READY = "ready"  # holds its neighbours' shares, may upload
+    UPLOADED = "uploaded"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+MEMBER_STEPS: Mapping[str, tuple[MemberState, MemberState]] = {
+    "advertise": (MemberState.PLANNED, MemberState.ADVERTISED),
+    "share_keys": (MemberState.ADVERTISED, MemberState.SHARED),
+    "receive_shares": (MemberState.SHARED, MemberState.READY),
+    "masked_input": (MemberState.READY, MemberState.UPLOADED),
+    "unmask": (MemberState.UPLOADED, MemberState.DONE),
+}
+"""operation -> (the state it needs, the state it leaves)."""
+
+
+@dataclass(frozen=True)
+class _HeldShares:
+    self_mask: shamir.Share
+    mask_key: shamir.Share
+
+
+class CohortMember:
+    def __init__(self, plan: CohortPlan) -> None:
+        self.plan = plan
+        self.state = MemberState.PLANNED
+        self._share_keys = keys.KeyPair.generate()
+        self._mask_keys = keys.KeyPair.generate()
+        self._self_seed = secrets.token_bytes(shamir.SECRET_BYTES)
+        self._adverts: dict[int, KeyAdvert] = {}
+        self._held: dict[int, _HeldShares] = {}
+        self._masking_neighbours: tuple[int, ...] = ()
+        self._fixed_point = FixedPoint(bits=plan.bits, scale=plan.scale, bound=plan.bound, max_summands=len(plan.members))
+
+    # -- steps -----------------------------------------------------------------
+
+    def advertise(self) -> KeyAdvert:
+        self._step("advertise")
+        return KeyAdvert(self.plan.cohort_id, self.plan.member, self._share_keys.public, self._mask_keys.public)
+
+    def share_keys(self, adverts: Mapping[int, KeyAdvert]) -> SealedShares:
+        """Shamir-share the self-mask seed and the mask private key among the
+        neighbours that advertised keys, each share sealed for its receiver."""
+        self._require("share_keys")
+        for sender, advert in adverts.items():
+            self._check_cohort(advert.cohort_id)
+            if sender != advert.member or sender not in self.plan.neighbours:
+                raise ProtocolViolation(f"member {sender} is not a neighbour of member {self.plan.member}")
+        active = sorted(adverts)
+        if len(active) < self.plan.threshold:
+            raise ProtocolViolation(
+                f"only {len(active)} neighbours advertised keys; {self.plan.threshold} are needed to share secrets"
+            )
+        self_shares = shamir.split(self._self_seed, threshold=self.plan.threshold, indices=active)
+        key_shares = shamir.split(self._mask_keys.private_bytes(), threshold=self.plan.threshold, indices=active)
+        sealed = {}
+        for self_share, key_share in zip(self_shares, key_shares):
+            receiver = self_share.index
+            key = keys.agree(self._share_keys.private, adverts[receiver].share_key, info=share_key_info(self.plan.cohort_id, self.plan.member, receiver))
+            sealed[receiver] = seal(
+                key,
+                self_share.to_bytes() + key_share.to_bytes(),
+                associated=associated_data(self.plan.cohort_id, self.plan.member, receiver),
+            )
+        self._adverts = dict(adverts)
+        self._advance("share_keys")
+        return SealedShares(self.plan.cohort_id, self.plan.member, sealed)
+
+    def receive_shares(self, sealed_for_me: Mapping[int, bytes]) -> None:
+        """Open the shares the neighbours that completed sharing sealed for this
+        member; those neighbours are the ones its pairwise masks include. A
+        broken tag raises sealing.VerificationFailed (and the member aborts)."""
+        self._require("receive_shares")
+        held = {}
+        for sender, blob in sealed_for_me.items():
+            advert = self._adverts.get(sender)
+            if advert is None:
+                raise ProtocolViolation(f"shares from member {sender}, which did not advertise keys to member {self.plan.member}")
+            key = keys.agree(self._share_keys.private, advert.share_key, info=share_key_info(self.plan.cohort_id, sender, self.plan.member))
+            try:
+                plain = open_sealed(key, blob, associated=associated_data(self.plan.cohort_id, sender, self.plan.member))
+            except Exception:
+                self.state = MemberState.ABORTED
+                raise
+            half = len(plain) // 2
+            held[sender] = _HeldShares(shamir.Share.from_bytes(plain[:half]), shamir.Share.from_bytes(plain[half:]))
+        self._held = held
+        self._masking_neighbours = tuple(sorted(held))
+        self._advance("receive_shares")
+
+    def masked_input(self, values: np.ndarray, weight: float, rng: np.random.Generator | None = None) -> MaskedInput:
+        """Quantize [weight * values, weight] and add the self mask and the
+        pairwise masks of the neighbours that completed sharing."""
+        self._require("masked_input")
+        flat = np.asarray(values, dtype=np.float64).reshape(-1)
+        if flat.size + 1 != self.plan.vector_length:
+            raise ProtocolViolation(f"input has {flat.size} values; this cohort aggregates {self.plan.vector_length - 1}")
+        vector = self._fixed_point.encode(np.append(flat * weight, weight), rng or np.random.default_rng())
+        bits = self.plan.bits
+        vector = add_mod(vector, expand_mask(self._self_seed, vector.size, bits, purpose=SELF_MASK), bits)
+        for neighbour in self._masking_neighbours:
+            mask = self.pair_mask(neighbour, vector.size)
+            vector = add_mod(vector, mask, bits) if self.plan.member < neighbour else sub_mod(vector, mask, bits)
+        self._advance("masked_input")
+        return MaskedInput(self.plan.cohort_id, self.plan.member, vector)
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Shares that let the coordinator remove masks: b_j of survivors, the
+        mask key of dropped members; never both for one member, and only once."""
+        self._require("unmask")
+        self._check_cohort(request.cohort_id)
+        both = request.survivors & request.dropped
+        if both:
+            self.state = MemberState.ABORTED
+            raise ProtocolViolation(
+                f"refusing to unmask: members {sorted(both)} are listed as both surviving and dropped, "
+                "which would reveal their input"
+            )
+        if self.plan.member not in request.survivors:
+            self.state = MemberState.ABORTED
+            raise ProtocolViolation(f"refusing to unmask: member {self.plan.member} uploaded but is not listed as a survivor")
+        self_mask_shares = {j: self._held[j].self_mask.to_bytes() for j in self._held if j in request.survivors}
+        mask_key_shares = {j: self._held[j].mask_key.to_bytes() for j in self._held if j in request.dropped}
+        self._advance("unmask")
+        return UnmaskResponse(self.plan.cohort_id, self.plan.member, self_mask_shares, mask_key_shares)
+
+    def abort(self) -> None:
+        self.state = MemberState.ABORTED
+
+    # -- helpers ---------------------------------------------------------------
+
+    def pair_mask(self, neighbour: int, length: int) -> np.ndarray:
+        seed = keys.agree(self._mask_keys.private, self._adverts[neighbour].mask_key, info=mask_info(self.plan.cohort_id, self.plan.member, neighbour))
+        return expand_mask(seed, length, self.plan.bits, purpose=PAIR_MASK)
+
+    def _check_cohort(self, cohort_id: str) -> None:
+        if cohort_id != self.plan.cohort_id:
+            raise ProtocolViolation(f"message for cohort {cohort_id!r} sent to a member of cohort {self.plan.cohort_id!r}")
+
+    def _require(self, operation: str) -> None:
+        needed, _ = MEMBER_STEPS[operation]
+        if self.state is not needed:
+            raise ProtocolViolation(f"{operation} is not allowed when the member is {self.state.value} (it needs {needed.value})")
+
+    def _step(self, operation: str) -> None:
+        self._require(operation)
+        self._advance(operation)
+
+    def _advance(self, operation: str) -> None:
+        self.state = MEMBER_STEPS[operation][1]

@@ -1,0 +1,345 @@
+"""The cohort protocol in process: coordinator and members as objects, every
+message passed by hand, so dropouts and tampering can happen at any step."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from client_sdk._secagg import MEMBER_STEPS, CohortMember, MemberState
+from proto.secagg.protocol import (
+    ACCEPTS,
+    PHASE_TRANSITIONS,
+    KeyAdvert,
+    MaskedInput,
+    MessageKind,
+    Phase,
+    ProtocolViolation,
+    SealedShares,
+    UnmaskRequest,
+    UnmaskResponse,
+    check_accepts,
+    check_transition,
+    default_neighbour_count,
+    neighbour_graph,
+)
+from proto.secagg.quantize import FixedPoint
+from proto.secagg.sealing import VerificationFailed
+from server.secagg import CohortAborted, CohortCoordinator
+
+LENGTH = 50  # model values; the masked vector has LENGTH + 1 (the weight)
+BOUND = 8.0
+
+
+def make_cohort(n: int, *, neighbours: int | None = None, min_survivors: int | None = None, cohort_id: str = "c1"):  # type: ignore[no-untyped-def]
+    fixed = FixedPoint.for_cohort(bits=32, bound=BOUND, max_summands=n)
+    coordinator = CohortCoordinator(
+        cohort_id,
+        list(range(1, n + 1)),
+        neighbours=neighbours if neighbours is not None else default_neighbour_count(n),
+        min_survivors=min_survivors if min_survivors is not None else max(2, n // 2),
+        fixed_point=fixed,
+        vector_length=LENGTH + 1,
+    )
+    members = {m: CohortMember(plan) for m, plan in coordinator.plans().items()}
+    return coordinator, members
+
+
+def inputs(n: int, seed: int = 0) -> dict[int, tuple[np.ndarray, float]]:
+    rng = np.random.default_rng(seed)
+    return {m: (rng.uniform(-0.5, 0.5, LENGTH), float(rng.uniform(0.2, 2.0))) for m in range(1, n + 1)}
+
+
+def run(coordinator: CohortCoordinator, members: dict[int, CohortMember], data, drop: dict[str, set[int]] | None = None):  # type: ignore[no-untyped-def]
+    """Drive one cohort; members in drop[step] vanish before that step."""
+    drop = drop or {}
+    gone: set[int] = set()
+
+    def alive(step: str) -> list[int]:
+        gone.update(drop.get(step, set()))
+        return [m for m in members if m not in gone]
+
+    for m in alive("advertise"):
+        coordinator.receive_advert(members[m].advertise())
+    adverts = coordinator.close_advertising()
+    for m in alive("share"):
+        if m in adverts:
+            coordinator.receive_shares(members[m].share_keys(adverts[m]))
+    sealed = coordinator.close_sharing()
+    uploaders = alive("upload")
+    for m in uploaders:
+        if m in sealed:
+            members[m].receive_shares(sealed[m])
+            values, weight = data[m]
+            coordinator.receive_input(members[m].masked_input(values, weight, np.random.default_rng(m)))
+    request = coordinator.close_input()
+    for m in alive("unmask"):
+        if m in request.survivors:
+            coordinator.receive_unmask(members[m].unmask(request))
+    return coordinator.finish()
+
+
+def plaintext(data, survivors) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
+    total = sum(data[m][1] * data[m][0] for m in survivors)
+    return np.asarray(total), sum(data[m][1] for m in survivors)
+
+
+def assert_matches(result, data, fixed_point_resolution: float) -> None:  # type: ignore[no-untyped-def]
+    expected, weight = plaintext(data, result.survivors)
+    bound = len(result.survivors) * fixed_point_resolution  # stochastic rounding: < 1 step per value
+    assert np.max(np.abs(result.weighted_sum - expected)) <= bound
+    assert abs(result.weight_sum - weight) <= bound
+
+
+@pytest.mark.parametrize(("n", "neighbours"), [(5, None), (10, None), (10, 9), (16, 4)])
+def test_cohort_recovers_the_staleness_weighted_sum(n: int, neighbours: int | None) -> None:
+    coordinator, members = make_cohort(n, neighbours=neighbours)
+    data = inputs(n)
+    result = run(coordinator, members, data)
+    assert result.survivors == frozenset(range(1, n + 1))
+    assert_matches(result, data, coordinator.fixed_point.resolution)
+    assert coordinator.phase is Phase.COMPLETED
+
+
+@pytest.mark.parametrize("step", ["advertise", "share", "upload", "unmask"])
+def test_dropouts_in_each_phase(step: str) -> None:
+    n = 12
+    coordinator, members = make_cohort(n, min_survivors=6)
+    data = inputs(n, seed=3)
+    result = run(coordinator, members, data, drop={step: {2, 7}})
+    expected_survivors = frozenset(range(1, n + 1)) - ({2, 7} if step != "unmask" else set())
+    assert result.survivors == expected_survivors
+    assert_matches(result, data, coordinator.fixed_point.resolution)
+
+
+def test_dropouts_in_every_phase_at_once() -> None:
+    n = 20
+    # 12 neighbours, 7 shares needed: survives the 5 dropouts even if all are one member's neighbours
+    coordinator, members = make_cohort(n, neighbours=12, min_survivors=8)
+    data = inputs(n, seed=4)
+    result = run(coordinator, members, data, drop={"advertise": {1}, "share": {5}, "upload": {9, 10}, "unmask": {12}})
+    assert result.survivors == frozenset(range(1, n + 1)) - {1, 5, 9, 10}
+    assert_matches(result, data, coordinator.fixed_point.resolution)
+
+
+@pytest.mark.parametrize("step", ["advertise", "share", "upload", "unmask"])
+def test_too_few_survivors_abort_and_apply_nothing(step: str) -> None:
+    n = 8
+    coordinator, members = make_cohort(n, min_survivors=6)
+    with pytest.raises(CohortAborted, match="the cohort needs 6"):
+        run(coordinator, members, inputs(n), drop={step: {1, 2, 3}})
+    assert coordinator.phase is Phase.ABORTED
+    assert coordinator.abort_reason is not None
+
+
+def test_dropped_neighbours_cannot_leave_a_secret_unrecoverable_silently() -> None:
+    """With k = 2 each member's secrets need 2 shares; if both neighbours of an
+    uploader vanish before unmasking, its self mask cannot be removed: abort."""
+    n = 8
+    coordinator, members = make_cohort(n, neighbours=2, min_survivors=4)
+    target = 1
+    neighbours = set(coordinator.graph[target])
+    with pytest.raises(CohortAborted, match=f"remove member {target}'s mask"):
+        run(coordinator, members, inputs(n), drop={"unmask": neighbours})
+
+
+# -- misuse and tampering ------------------------------------------------------------
+
+
+def advanced_to_sharing(n: int = 5):  # type: ignore[no-untyped-def]
+    coordinator, members = make_cohort(n)
+    for member in members.values():
+        coordinator.receive_advert(member.advertise())
+    adverts = coordinator.close_advertising()
+    shares = {m: members[m].share_keys(adverts[m]) for m in members}
+    for s in shares.values():
+        coordinator.receive_shares(s)
+    sealed = coordinator.close_sharing()
+    return coordinator, members, sealed
+
+
+def test_share_with_broken_tag_is_rejected() -> None:
+    coordinator, members, sealed = advanced_to_sharing()
+    sender = next(iter(sealed[1]))
+    blob = bytearray(sealed[1][sender])
+    blob[-1] ^= 0x01
+    with pytest.raises(VerificationFailed):
+        members[1].receive_shares({**sealed[1], sender: bytes(blob)})
+    assert members[1].state is MemberState.ABORTED
+
+
+def test_share_sealed_for_another_member_is_rejected() -> None:
+    """A coordinator that forwards j's share for member 2 to member 1 is caught by the associated data."""
+    coordinator, members, sealed = advanced_to_sharing()
+    common = next(s for s in sealed[1] if s in sealed[2] and s not in (1, 2))
+    with pytest.raises(VerificationFailed):
+        members[1].receive_shares({**sealed[1], common: sealed[2][common]})
+
+
+def test_message_replayed_from_an_earlier_cohort_is_rejected() -> None:
+    old_coordinator, old_members = make_cohort(5, cohort_id="c-old")
+    old_advert = old_members[1].advertise()
+    coordinator, members = make_cohort(5, cohort_id="c-new")
+    with pytest.raises(ProtocolViolation, match="for cohort 'c-old' sent to cohort 'c-new'"):
+        coordinator.receive_advert(old_advert)
+    # and a member refuses the old cohort's keys
+    for member in members.values():
+        coordinator.receive_advert(member.advertise())
+    adverts = coordinator.close_advertising()
+    stale = {k: replace(v, cohort_id="c-old") for k, v in adverts[1].items()}
+    with pytest.raises(ProtocolViolation, match="cohort 'c-old'"):
+        members[1].share_keys(stale)
+
+
+def test_replay_within_a_cohort_is_rejected() -> None:
+    coordinator, members = make_cohort(5)
+    advert = members[1].advertise()
+    coordinator.receive_advert(advert)
+    with pytest.raises(ProtocolViolation, match="already sent"):
+        coordinator.receive_advert(advert)
+
+
+def test_message_in_the_wrong_phase_is_rejected() -> None:
+    coordinator, members = make_cohort(5)
+    vector = np.zeros(LENGTH + 1, np.uint32)
+    with pytest.raises(ProtocolViolation, match="masked_input is not accepted in phase advertise_keys"):
+        coordinator.receive_input(MaskedInput("c1", 1, vector))
+
+
+def test_masked_vector_of_the_wrong_length_is_rejected() -> None:
+    coordinator, members, sealed = advanced_to_sharing()
+    members[1].receive_shares(sealed[1])
+    with pytest.raises(ProtocolViolation, match="this cohort takes 51 uint32 values"):
+        coordinator.receive_input(MaskedInput("c1", 1, np.zeros(LENGTH, np.uint32)))
+    with pytest.raises(ProtocolViolation, match="input has 49 values"):
+        members[1].masked_input(np.zeros(LENGTH - 1), 1.0)
+
+
+def test_member_refuses_to_reveal_both_secrets_of_a_neighbour() -> None:
+    coordinator, members, sealed = advanced_to_sharing()
+    for m in members:
+        members[m].receive_shares(sealed[m])
+        coordinator.receive_input(members[m].masked_input(np.zeros(LENGTH), 1.0))
+    neighbour = coordinator.graph[1][0]
+    request = UnmaskRequest("c1", frozenset(members), frozenset({neighbour}))
+    with pytest.raises(ProtocolViolation, match="both surviving and dropped"):
+        members[1].unmask(request)
+    assert members[1].state is MemberState.ABORTED
+
+
+def test_member_answers_one_unmasking_request_only() -> None:
+    """A second request (say, now claiming a survivor dropped) is refused."""
+    coordinator, members, sealed = advanced_to_sharing()
+    for m in members:
+        members[m].receive_shares(sealed[m])
+        coordinator.receive_input(members[m].masked_input(np.zeros(LENGTH), 1.0))
+    request = coordinator.close_input()
+    members[1].unmask(request)
+    neighbour = coordinator.graph[1][0]
+    second = UnmaskRequest("c1", request.survivors - {neighbour}, frozenset({neighbour}))
+    with pytest.raises(ProtocolViolation, match="unmask is not allowed when the member is done"):
+        members[1].unmask(second)
+
+
+# -- the state machines, exhaustively -------------------------------------------------
+
+
+def test_every_illegal_phase_transition_is_rejected() -> None:
+    for current, target in itertools.product(Phase, Phase):
+        if target in PHASE_TRANSITIONS[current]:
+            check_transition(current, target)
+        else:
+            with pytest.raises(ProtocolViolation):
+                check_transition(current, target)
+
+
+def test_every_phase_accepts_exactly_one_message_kind() -> None:
+    for phase, kind in itertools.product(Phase, MessageKind):
+        if ACCEPTS.get(phase) is kind:
+            check_accepts(phase, kind)
+        else:
+            with pytest.raises(ProtocolViolation):
+                check_accepts(phase, kind)
+
+
+def test_coordinator_rejects_every_out_of_phase_message() -> None:
+    """Drive a real coordinator into each phase and send it every kind of message."""
+    senders = {
+        MessageKind.KEY_ADVERT: lambda c, m: c.receive_advert(KeyAdvert("c1", 1, bytes(32), bytes(32))),
+        MessageKind.SEALED_SHARES: lambda c, m: c.receive_shares(SealedShares("c1", 1, {})),
+        MessageKind.MASKED_INPUT: lambda c, m: c.receive_input(MaskedInput("c1", 1, np.zeros(LENGTH + 1, np.uint32))),
+        MessageKind.UNMASK_RESPONSE: lambda c, m: c.receive_unmask(UnmaskResponse("c1", 1, {}, {})),
+    }
+    for phase in Phase:
+        for kind, send in senders.items():
+            coordinator, members = make_cohort(5)
+            _drive_to(coordinator, members, phase)
+            if ACCEPTS.get(phase) is kind:
+                continue
+            with pytest.raises(ProtocolViolation):
+                send(coordinator, members)
+
+
+def _drive_to(coordinator: CohortCoordinator, members: dict[int, CohortMember], phase: Phase) -> None:
+    if phase is Phase.CHECK_IN:
+        coordinator.phase = Phase.CHECK_IN  # plans() already moved it; rewind to probe the first phase
+        return
+    if phase is Phase.ABORTED:
+        coordinator.abort("probe")
+        return
+    order = [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASKING, Phase.COMPLETED]
+    data = inputs(len(members))
+    for step in order[: order.index(phase)]:
+        if step is Phase.ADVERTISE_KEYS:
+            for m in members.values():
+                coordinator.receive_advert(m.advertise())
+            adverts = coordinator.close_advertising()
+        elif step is Phase.SHARE_KEYS:
+            for k, m in members.items():
+                coordinator.receive_shares(m.share_keys(adverts[k]))
+            sealed = coordinator.close_sharing()
+        elif step is Phase.MASKED_INPUT:
+            for k, m in members.items():
+                m.receive_shares(sealed[k])
+                coordinator.receive_input(m.masked_input(*data[k]))
+            request = coordinator.close_input()
+        elif step is Phase.UNMASKING:
+            for m in members.values():
+                coordinator.receive_unmask(m.unmask(request))
+            coordinator.finish()
+
+
+def test_member_rejects_every_operation_out_of_order() -> None:
+    calls = {
+        "advertise": lambda m: m.advertise(),
+        "share_keys": lambda m: m.share_keys({}),
+        "receive_shares": lambda m: m.receive_shares({}),
+        "masked_input": lambda m: m.masked_input(np.zeros(LENGTH), 1.0),
+        "unmask": lambda m: m.unmask(UnmaskRequest("c1", frozenset({1}), frozenset())),
+    }
+    for state in MemberState:
+        for operation, call in calls.items():
+            needed, _ = MEMBER_STEPS[operation]
+            if state is needed:
+                continue
+            _, members = make_cohort(5)
+            member = members[1]
+            member.state = state
+            with pytest.raises(ProtocolViolation, match=f"{operation} is not allowed"):
+                call(member)
+
+
+def test_neighbour_graph_is_symmetric_and_sparse() -> None:
+    members = list(range(1, 101))
+    k = default_neighbour_count(100)
+    graph = neighbour_graph(members, k, b"seed")
+    assert k == 14
+    for member, neighbours in graph.items():
+        assert member not in neighbours
+        assert len(neighbours) == k
+        for other in neighbours:
+            assert member in graph[other]
+    assert neighbour_graph(members, 99, b"seed")[5] == tuple(m for m in members if m != 5)
