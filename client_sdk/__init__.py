@@ -17,6 +17,7 @@ Everything not listed in `__all__` is private and may change.
 
 from client_sdk._client import Client, JobDescription, PulledModel, PushResult, RetryPolicy
 from client_sdk._errors import (
+    CohortAborted,
     JobNotFound,
     LimitExceeded,
     ModelMismatch,
@@ -30,6 +31,7 @@ from client_sdk._training import FitSummary, TrainFn, fit, load_into, model_arra
 
 __all__ = [
     "Client",
+    "CohortAborted",
     "FitSummary",
     "JobDescription",
     "JobNotFound",

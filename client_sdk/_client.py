@@ -1,7 +1,6 @@
 """The low-level API: pull and push named tensors, with retries.
 
-Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED,
-ABORTED) with exponential backoff and jitter. A push picks its idempotency key
+Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter. A push picks its idempotency key
 once and reuses it on every retry, so a retried push whose ack was lost is
 counted once by the server (which answers with the first ack, `duplicate=True`).
 """
@@ -71,6 +70,7 @@ class JobDescription:
     max_staleness: int | None
     updates_accepted: int
     max_update_bytes: int
+    secure_aggregation: bool
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ class Client:
             max_staleness=info.max_staleness or None,
             updates_accepted=info.updates_accepted,
             max_update_bytes=info.max_update_bytes,
+            secure_aggregation=info.secure_aggregation,
         )
 
     def pull(self, *, min_version: int = 0, wait_s: float = 0.0) -> PulledModel:

@@ -11,6 +11,8 @@
     +-- ProtocolError              the server sent something malformed (a bug, or
                                    not a Tributary server)
     +-- ModelMismatch              the local model does not fit the job's tensors
+    +-- CohortAborted              a secure-aggregation cohort could not complete;
+                                   nothing of it was applied: join another one
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class ModelMismatch(TributaryError):
     pass
 
 
+class CohortAborted(TributaryError):
+    pass
+
+
 _BY_CODE: dict[grpc.StatusCode, type[TributaryError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: UpdateRejected,
     grpc.StatusCode.FAILED_PRECONDITION: NotAcceptedNow,
@@ -59,9 +65,10 @@ _BY_CODE: dict[grpc.StatusCode, type[TributaryError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceeded,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailable,
+    grpc.StatusCode.ABORTED: CohortAborted,
 }
 
-TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 """Failures worth retrying: the same request may succeed a moment later."""
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from client_sdk._client import Client, PulledModel, PushResult
-from client_sdk._errors import ModelMismatch, NotAcceptedNow
+from client_sdk._errors import CohortAborted, ModelMismatch, NotAcceptedNow
 
 if TYPE_CHECKING:
     import torch
@@ -100,8 +100,10 @@ def fit(
     pushes were accepted or `duration_s` passed (at least one must be given).
 
     An update the server refuses as too stale (or, in synchronous rounds,
-    arriving after its round closed) is dropped and training restarts from the
-    current model; other errors propagate.
+    arriving after its round closed, or under secure aggregation, in a cohort
+    that aborted) is dropped and training restarts from the current model;
+    other errors propagate. Under secure aggregation each update goes through
+    a cohort, whose key setup overlaps the local training.
     """
     if updates is None and duration_s is None:
         raise ValueError("give `updates` or `duration_s`, or the loop would never end")
@@ -120,20 +122,31 @@ def fit(
 
     summary.last_version = pulled.version
     while not done():
+        cohort = None
+        if job.secure_aggregation:
+            from client_sdk._secure import SecureRound
+
+            cohort = SecureRound(client)
+            cohort.start()  # joins a cohort; its key setup runs while we train
         load_into(model, pulled.tensors)
         model.train()
-        num_samples = int(train_fn(model, torch_device))
+        num_samples = max(1, int(train_fn(model, torch_device)))
         trained = model_arrays(model, names)
         delta = {name: trained[name] - pulled.tensors[name] for name in names}
         try:
-            result = client.push(pulled.version, delta, num_samples=max(1, num_samples))
-        except NotAcceptedNow:
+            if cohort is not None:
+                flat = np.concatenate([delta[name].reshape(-1) for name in names])
+                receipt = cohort.submit(pulled.version, flat, num_samples)
+                summary.staleness.append(receipt.staleness)
+            else:
+                result = client.push(pulled.version, delta, num_samples=num_samples)
+                summary.staleness.append(result.staleness)
+                if on_push is not None:
+                    on_push(result)
+        except (NotAcceptedNow, CohortAborted):
             summary.updates_refused += 1
         else:
             summary.updates_pushed += 1
-            summary.staleness.append(result.staleness)
-            if on_push is not None:
-                on_push(result)
         if done():
             break
         pulled = _next_model(client, pulled.version, job.synchronous, done)

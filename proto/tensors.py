@@ -34,6 +34,7 @@ _DTYPE_TO_PB: dict[np.dtype, int] = {
     np.dtype("<i8"): pb.DTYPE_INT64,
     np.dtype("<i4"): pb.DTYPE_INT32,
     np.dtype("|u1"): pb.DTYPE_UINT8,
+    np.dtype("<u4"): pb.DTYPE_UINT32,
 }
 _PB_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_PB.items()}
 

@@ -17,6 +17,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_INT64: _ClassVar[DType]
     DTYPE_INT32: _ClassVar[DType]
     DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_UINT32: _ClassVar[DType]
 
 class StrategyKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +32,7 @@ DTYPE_FLOAT16: DType
 DTYPE_INT64: DType
 DTYPE_INT32: DType
 DTYPE_UINT8: DType
+DTYPE_UINT32: DType
 STRATEGY_KIND_UNSPECIFIED: StrategyKind
 STRATEGY_KIND_FEDASYNC: StrategyKind
 STRATEGY_KIND_FEDBUFF: StrategyKind
@@ -67,7 +69,7 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "strategy", "synchronous", "version", "model", "max_staleness", "updates_accepted", "max_update_bytes")
+    __slots__ = ("job_id", "strategy", "synchronous", "version", "model", "max_staleness", "updates_accepted", "max_update_bytes", "secure_aggregation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SYNCHRONOUS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class JobInfo(_message.Message):
     MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     strategy: StrategyKind
     synchronous: bool
@@ -84,7 +87,8 @@ class JobInfo(_message.Message):
     max_staleness: int
     updates_accepted: int
     max_update_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., strategy: _Optional[_Union[StrategyKind, str]] = ..., synchronous: _Optional[bool] = ..., version: _Optional[int] = ..., model: _Optional[_Union[TensorHeader, _Mapping]] = ..., max_staleness: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., max_update_bytes: _Optional[int] = ...) -> None: ...
+    secure_aggregation: bool
+    def __init__(self, job_id: _Optional[str] = ..., strategy: _Optional[_Union[StrategyKind, str]] = ..., synchronous: _Optional[bool] = ..., version: _Optional[int] = ..., model: _Optional[_Union[TensorHeader, _Mapping]] = ..., max_staleness: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("job_id", "min_version", "wait_timeout_ms")
@@ -153,3 +157,153 @@ class PushAck(_message.Message):
     version_after: int
     duplicate: bool
     def __init__(self, job_id: _Optional[str] = ..., version_at_arrival: _Optional[int] = ..., staleness: _Optional[int] = ..., staleness_weight: _Optional[float] = ..., version_after: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class JoinCohortRequest(_message.Message):
+    __slots__ = ("job_id", "client_id", "wait_timeout_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    client_id: str
+    wait_timeout_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class StalenessRule(_message.Message):
+    __slots__ = ("kind", "a", "b", "max_staleness")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    a: float
+    b: float
+    max_staleness: int
+    def __init__(self, kind: _Optional[str] = ..., a: _Optional[float] = ..., b: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
+
+class CohortPlanMessage(_message.Message):
+    __slots__ = ("formed", "cohort_id", "member", "token", "members", "neighbours", "threshold", "bits", "scale", "bound", "vector_length", "staleness")
+    FORMED_FIELD_NUMBER: _ClassVar[int]
+    COHORT_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    BOUND_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    formed: bool
+    cohort_id: str
+    member: int
+    token: bytes
+    members: _containers.RepeatedScalarFieldContainer[int]
+    neighbours: _containers.RepeatedScalarFieldContainer[int]
+    threshold: int
+    bits: int
+    scale: float
+    bound: float
+    vector_length: int
+    staleness: StalenessRule
+    def __init__(self, formed: _Optional[bool] = ..., cohort_id: _Optional[str] = ..., member: _Optional[int] = ..., token: _Optional[bytes] = ..., members: _Optional[_Iterable[int]] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., bound: _Optional[float] = ..., vector_length: _Optional[int] = ..., staleness: _Optional[_Union[StalenessRule, _Mapping]] = ...) -> None: ...
+
+class MemberRef(_message.Message):
+    __slots__ = ("job_id", "cohort_id", "member", "token")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    COHORT_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    cohort_id: str
+    member: int
+    token: bytes
+    def __init__(self, job_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., member: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class KeyAdvertMessage(_message.Message):
+    __slots__ = ("sender", "share_key", "mask_key")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    sender: MemberRef
+    share_key: bytes
+    mask_key: bytes
+    def __init__(self, sender: _Optional[_Union[MemberRef, _Mapping]] = ..., share_key: _Optional[bytes] = ..., mask_key: _Optional[bytes] = ...) -> None: ...
+
+class NeighbourKey(_message.Message):
+    __slots__ = ("member", "share_key", "mask_key")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    member: int
+    share_key: bytes
+    mask_key: bytes
+    def __init__(self, member: _Optional[int] = ..., share_key: _Optional[bytes] = ..., mask_key: _Optional[bytes] = ...) -> None: ...
+
+class NeighbourKeys(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[NeighbourKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[NeighbourKey, _Mapping]]] = ...) -> None: ...
+
+class SealedShare(_message.Message):
+    __slots__ = ("peer", "blob")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    peer: int
+    blob: bytes
+    def __init__(self, peer: _Optional[int] = ..., blob: _Optional[bytes] = ...) -> None: ...
+
+class SealedSharesMessage(_message.Message):
+    __slots__ = ("sender", "shares")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    sender: MemberRef
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, sender: _Optional[_Union[MemberRef, _Mapping]] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+
+class SharesForMember(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+
+class UploadSlot(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class MaskedInputRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: MemberRef
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[MemberRef, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UnmaskRequestMessage(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UnmaskResponseMessage(_message.Message):
+    __slots__ = ("sender", "self_mask_shares", "mask_key_shares")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    sender: MemberRef
+    self_mask_shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    mask_key_shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, sender: _Optional[_Union[MemberRef, _Mapping]] = ..., self_mask_shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., mask_key_shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+
+class CohortOutcome(_message.Message):
+    __slots__ = ("version", "survivors")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    survivors: int
+    def __init__(self, version: _Optional[int] = ..., survivors: _Optional[int] = ...) -> None: ...

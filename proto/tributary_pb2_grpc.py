@@ -50,6 +50,36 @@ class TributaryStub:
                 request_serializer=proto_dot_tributary__pb2.PushRequest.SerializeToString,
                 response_deserializer=proto_dot_tributary__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.JoinCohort = channel.unary_unary(
+                '/tributary.v1.Tributary/JoinCohort',
+                request_serializer=proto_dot_tributary__pb2.JoinCohortRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.CohortPlanMessage.FromString,
+                _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/tributary.v1.Tributary/AdvertiseKeys',
+                request_serializer=proto_dot_tributary__pb2.KeyAdvertMessage.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.NeighbourKeys.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/tributary.v1.Tributary/ShareKeys',
+                request_serializer=proto_dot_tributary__pb2.SealedSharesMessage.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.SharesForMember.FromString,
+                _registered_method=True)
+        self.GetUploadSlot = channel.unary_unary(
+                '/tributary.v1.Tributary/GetUploadSlot',
+                request_serializer=proto_dot_tributary__pb2.MemberRef.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.UploadSlot.FromString,
+                _registered_method=True)
+        self.UploadMasked = channel.stream_unary(
+                '/tributary.v1.Tributary/UploadMasked',
+                request_serializer=proto_dot_tributary__pb2.MaskedInputRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.UnmaskRequestMessage.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/tributary.v1.Tributary/Unmask',
+                request_serializer=proto_dot_tributary__pb2.UnmaskResponseMessage.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.CohortOutcome.FromString,
+                _registered_method=True)
 
 
 class TributaryServicer:
@@ -73,6 +103,42 @@ class TributaryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinCohort(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdvertiseKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUploadSlot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadMasked(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TributaryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +156,36 @@ def add_TributaryServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=proto_dot_tributary__pb2.PushRequest.FromString,
                     response_serializer=proto_dot_tributary__pb2.PushAck.SerializeToString,
+            ),
+            'JoinCohort': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinCohort,
+                    request_deserializer=proto_dot_tributary__pb2.JoinCohortRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.CohortPlanMessage.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=proto_dot_tributary__pb2.KeyAdvertMessage.FromString,
+                    response_serializer=proto_dot_tributary__pb2.NeighbourKeys.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=proto_dot_tributary__pb2.SealedSharesMessage.FromString,
+                    response_serializer=proto_dot_tributary__pb2.SharesForMember.SerializeToString,
+            ),
+            'GetUploadSlot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadSlot,
+                    request_deserializer=proto_dot_tributary__pb2.MemberRef.FromString,
+                    response_serializer=proto_dot_tributary__pb2.UploadSlot.SerializeToString,
+            ),
+            'UploadMasked': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadMasked,
+                    request_deserializer=proto_dot_tributary__pb2.MaskedInputRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.UnmaskRequestMessage.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=proto_dot_tributary__pb2.UnmaskResponseMessage.FromString,
+                    response_serializer=proto_dot_tributary__pb2.CohortOutcome.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +269,168 @@ class Tributary:
             '/tributary.v1.Tributary/Push',
             proto_dot_tributary__pb2.PushRequest.SerializeToString,
             proto_dot_tributary__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinCohort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/JoinCohort',
+            proto_dot_tributary__pb2.JoinCohortRequest.SerializeToString,
+            proto_dot_tributary__pb2.CohortPlanMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/AdvertiseKeys',
+            proto_dot_tributary__pb2.KeyAdvertMessage.SerializeToString,
+            proto_dot_tributary__pb2.NeighbourKeys.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/ShareKeys',
+            proto_dot_tributary__pb2.SealedSharesMessage.SerializeToString,
+            proto_dot_tributary__pb2.SharesForMember.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUploadSlot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/GetUploadSlot',
+            proto_dot_tributary__pb2.MemberRef.SerializeToString,
+            proto_dot_tributary__pb2.UploadSlot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadMasked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tributary.v1.Tributary/UploadMasked',
+            proto_dot_tributary__pb2.MaskedInputRequest.SerializeToString,
+            proto_dot_tributary__pb2.UnmaskRequestMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/Unmask',
+            proto_dot_tributary__pb2.UnmaskResponseMessage.SerializeToString,
+            proto_dot_tributary__pb2.CohortOutcome.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,7 +10,7 @@ and the threaded servicer keeps the gRPC layer a plain function per RPC.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from proto import tributary_pb2_grpc as pb_grpc
+from server.cohorts import CohortManager
 from server.config import ServerConfig
 from server.core import AggregationCore
 from server.errors import ConfigError
@@ -52,6 +53,7 @@ def running_server(
     initial_models: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     *,
     grace_s: float = 5.0,
+    secagg_observer: Callable[[str, np.ndarray], None] | None = None,
 ) -> Iterator[RunningServer]:
     """Serve until the block exits; yields the port actually bound (port 0 in
     the address picks a free one)."""
@@ -62,7 +64,12 @@ def running_server(
     except (ValueError, KeyError) as error:
         raise ConfigError(str(error)) from error
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="tributary-rpc"))
-    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core), server)
+    cohorts = {
+        job.job_id: CohortManager(core.job(job.job_id), job.secure_aggregation, secagg_observer)
+        for job in config.jobs
+        if job.secure_aggregation is not None
+    }
+    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from server import staleness as staleness_functions
+from proto import staleness as staleness_functions
 from server.errors import ConfigError
 
 STRATEGIES = ("fedasync", "fedbuff", "fedavg")
@@ -123,6 +123,54 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation in SecAgg+ cohorts (see proto/secagg/protocol.py).
+
+    A cohort of `cohort_size` members (fewer, down to `min_survivors`, when
+    no more check in within `forming_timeout_s`) completes when at least
+    `min_survivors` members upload and answer unmasking; each member pairs
+    with `neighbours` others (None: about 2 log2 n). Members quantize
+    [w * delta, w] into Z_2^ring_bits after clipping to +-clip_bound, so
+    clip_bound must cover w = s(tau) * n_samples times a delta coordinate."""
+
+    cohort_size: int = 8
+    min_survivors: int | None = None
+    """None: two thirds of the cohort, rounded up."""
+    neighbours: int | None = None
+    ring_bits: int = 32
+    clip_bound: float = 1024.0
+    forming_timeout_s: float = 10.0
+    phase_timeout_s: float = 30.0
+    upload_timeout_s: float = 300.0
+    """How long members may train before the cohort uploads without the late ones."""
+
+    def __post_init__(self) -> None:
+        from proto.secagg.quantize import FixedPoint
+
+        if not (isinstance(self.cohort_size, int) and not isinstance(self.cohort_size, bool) and self.cohort_size >= 3):
+            raise ConfigError(f"cohort_size must be an integer >= 3 (smaller cohorts reveal inputs), got {self.cohort_size!r}")
+        if self.min_survivors is not None and not (
+            isinstance(self.min_survivors, int) and 2 <= self.min_survivors <= self.cohort_size
+        ):
+            raise ConfigError(f"min_survivors must be an integer in [2, cohort_size={self.cohort_size}], got {self.min_survivors!r}")
+        if self.neighbours is not None and not (isinstance(self.neighbours, int) and 2 <= self.neighbours):
+            raise ConfigError(f"neighbours must be an integer >= 2, got {self.neighbours!r}")
+        for name in ("clip_bound", "forming_timeout_s", "phase_timeout_s", "upload_timeout_s"):
+            _positive(name, getattr(self, name))
+        try:
+            FixedPoint.for_cohort(bits=self.ring_bits, bound=self.clip_bound, max_summands=self.cohort_size)
+        except ValueError as error:
+            raise ConfigError(f"ring_bits={self.ring_bits!r}, clip_bound={self.clip_bound!r}: {error}") from error
+
+    @property
+    def survivors_needed(self) -> int:
+        return self.min_survivors if self.min_survivors is not None else max(2, math.ceil(2 * self.cohort_size / 3))
+
+
+_SECAGG_KEYS = {f.name for f in fields(SecAggConfig)}
+
+
+@dataclass(frozen=True)
 class JobConfig:
     job_id: str = "default"
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -134,8 +182,14 @@ class JobConfig:
     idempotency_window: int = 100_000
     """How many recent idempotency keys (and their acks) a job remembers."""
     initial_model: Path | None = None
+    secure_aggregation: SecAggConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.secure_aggregation is not None and self.strategy.name != "fedbuff":
+            raise ConfigError(
+                f"secure aggregation runs with strategy 'fedbuff' (each cohort is one buffered aggregate); "
+                f"{self.strategy.name!r} would need the server to read individual updates"
+            )
         if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
             raise ConfigError(
                 f"job id {self.job_id!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
@@ -157,6 +211,8 @@ class JobConfig:
         job: dict[str, Any] = {}
         strategy: dict[str, Any] = {}
         staleness: dict[str, Any] = {}
+        secagg: dict[str, Any] = {}
+        secure = bool(values.pop("secure_aggregation", False))
         for key, value in values.items():
             if value is None:
                 continue
@@ -176,8 +232,14 @@ class JobConfig:
                 job[key] = value
             elif key == "initial_model":
                 job[key] = Path(value)
+            elif key in _SECAGG_KEYS:
+                secagg[key] = value
             else:
                 raise ConfigError(f"unknown job setting {key!r}")
+        if secagg and not secure:
+            raise ConfigError(f"{', '.join(sorted(secagg))} only apply with secure_aggregation = true")
+        if secure:
+            job["secure_aggregation"] = SecAggConfig(**secagg)
         return cls(strategy=StrategyConfig(**strategy), staleness=StalenessConfig(**staleness), **job)
 
 

@@ -33,6 +33,7 @@ from proto.tensors import CHUNK_BYTES, TensorSpec, iter_chunks, specs_of
 from server.config import JobConfig, ServerConfig
 from server.errors import (
     IdempotencyConflict,
+    PreconditionFailed,
     InvalidUpdate,
     JobNotFound,
     LimitExceeded,
@@ -122,6 +123,8 @@ class JobStats:
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     staleness: collections.Counter[int] = field(default_factory=collections.Counter)
     updates_per_client: collections.Counter[str] = field(default_factory=collections.Counter)
+    cohorts_applied: int = 0
+    cohorts_aborted: collections.Counter[str] = field(default_factory=collections.Counter)
     versions: collections.deque[tuple[int, float]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
     """(version, unix time published) of the latest versions, the initial one included."""
 
@@ -187,6 +190,10 @@ class Job:
             self._version_changed.wait_for(lambda: self._current.version >= min_version, timeout=timeout_s)
             return self._current
 
+    def note_cohort_abort(self, reason: str) -> None:
+        with self._lock:
+            self.stats.cohorts_aborted[reason.split(";")[0][:80]] += 1
+
     def note_rejection(self, reason: str) -> None:
         with self._lock:
             self.stats.rejected[reason] += 1
@@ -197,6 +204,11 @@ class Job:
         """Refuse a bad header before its payload is read. Returns the stored
         ack when the idempotency key was seen before (the update is not read
         again); None when the payload should be received."""
+        if self.config.secure_aggregation is not None:
+            raise PreconditionFailed(
+                f"job {self.job_id!r} runs secure aggregation: updates go through cohorts "
+                "(JoinCohort), never as plain pushes"
+            )
         self._check_header_fields(header)
         if header.payload_bytes > self.config.max_update_bytes:
             raise LimitExceeded(
@@ -237,6 +249,34 @@ class Job:
             self.stats.staleness[staleness] += 1
             self.stats.updates_per_client[header.client_id] += 1
             return outcome
+
+    def apply_cohort(self, weighted_sum: np.ndarray, weight_sum: float, contributors: int) -> int:
+        """Apply a securely aggregated cohort as one buffered aggregate:
+        x <- x + server_lr * sum(w_i delta_i) / sum(w_i). `weighted_sum` is the
+        flat float64 vector of all tensors in model order. Returns the version."""
+        if weight_sum <= 0:
+            raise InvalidUpdate("the cohort's weights sum to zero: every member was too stale; nothing was applied")
+        scale = self.config.strategy.server_lr / weight_sum
+        with self._lock:
+            new_params = {}
+            offset = 0
+            for spec in self.specs:
+                count = spec.nbytes // spec.dtype.itemsize
+                part = weighted_sum[offset : offset + count].reshape(spec.shape)
+                offset += count
+                x = self._current.tensors[spec.name]
+                new_params[spec.name] = (x.astype(np.float64) + scale * part).astype(x.dtype)
+                if not all_finite(new_params[spec.name]):
+                    raise InvalidUpdate(f"the cohort's aggregate would overflow tensor {spec.name!r}; nothing was applied")
+            self._publish(new_params)
+            self.stats.updates_accepted += contributors
+            self.stats.cohorts_applied += 1
+            return self._current.version
+
+    @property
+    def vector_length(self) -> int:
+        """Model parameters in all tensors (what a secure-aggregation member masks, before its weight)."""
+        return sum(spec.nbytes // spec.dtype.itemsize for spec in self.specs)
 
     @property
     def pending_updates(self) -> int:

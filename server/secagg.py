@@ -192,6 +192,7 @@ class CohortCoordinator:
                 total = sub_mod(total, mask, bits) if survivor < dropped else add_mod(total, mask, bits)
         self._observe("sum", total)
         decoded = self.fixed_point.decode(total)
+        self._inputs.clear()  # the masked inputs are no longer needed; free them
         self._advance(Phase.COMPLETED)
         return CohortResult(decoded[:-1], float(decoded[-1]), self.uploaded)
 
@@ -200,6 +201,7 @@ class CohortCoordinator:
             return
         self.abort_reason = reason
         self.phase = Phase.ABORTED
+        self._inputs.clear()
 
     # -- internals -------------------------------------------------------------
 

@@ -13,11 +13,18 @@ import grpc
 
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
-from proto.tensors import MalformedPayload, PayloadAssembler, header_to_pb, specs_from_pb
+import numpy as np
+
+from proto.tensors import MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
 from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader
+from proto.secagg.protocol import KeyAdvert, ProtocolViolation, SealedShares, UnmaskResponse
+from server.cohorts import CohortManager
 from server.errors import InvalidUpdate, JobNotFound, LimitExceeded, PreconditionFailed, ServerError
+from server.secagg import CohortAborted
 
 _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (CohortAborted, grpc.StatusCode.ABORTED),
+    (ProtocolViolation, grpc.StatusCode.FAILED_PRECONDITION),
     (MalformedPayload, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidUpdate, grpc.StatusCode.INVALID_ARGUMENT),
     (JobNotFound, grpc.StatusCode.NOT_FOUND),
@@ -34,8 +41,9 @@ MAX_ID_LENGTH = 128
 
 
 class TributaryServicer(pb_grpc.TributaryServicer):
-    def __init__(self, core: AggregationCore) -> None:
+    def __init__(self, core: AggregationCore, cohorts: dict[str, CohortManager] | None = None) -> None:
         self._core = core
+        self._cohorts = cohorts or {}
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
         with _status_on_error(context):
@@ -50,6 +58,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 max_staleness=job.config.max_staleness or 0,
                 updates_accepted=job.stats.updates_accepted,
                 max_update_bytes=job.config.max_update_bytes,
+                secure_aggregation=job.config.secure_aggregation is not None,
             )
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
@@ -97,6 +106,106 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             outcome = job.submit(Update(header, assembler.finish()))
             return _ack(job.job_id, outcome)
         raise AssertionError("unreachable: _status_on_error aborts")  # pragma: no cover
+
+    # -- secure aggregation ----------------------------------------------------------
+
+    def JoinCohort(self, request: pb.JoinCohortRequest, context: grpc.ServicerContext) -> pb.CohortPlanMessage:
+        with _status_on_error(context):
+            manager = self._manager(request.job_id)
+            _check_id("client_id", request.client_id)
+            if not request.client_id:
+                raise InvalidUpdate("client_id is empty; a member must name itself to join a cohort")
+            joined = manager.join(request.client_id, min(request.wait_timeout_ms / 1000.0, MAX_LONG_POLL_S))
+            if joined is None:
+                return pb.CohortPlanMessage(formed=False)
+            plan, rule = joined.plan, manager.job.config
+            return pb.CohortPlanMessage(
+                formed=True,
+                cohort_id=plan.cohort_id,
+                member=plan.member,
+                token=joined.token,
+                members=plan.members,
+                neighbours=plan.neighbours,
+                threshold=plan.threshold,
+                bits=plan.bits,
+                scale=plan.scale,
+                bound=plan.bound,
+                vector_length=plan.vector_length,
+                staleness=pb.StalenessRule(
+                    kind=rule.staleness.kind, a=rule.staleness.a, b=rule.staleness.b, max_staleness=rule.max_staleness or 0
+                ),
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def AdvertiseKeys(self, request: pb.KeyAdvertMessage, context: grpc.ServicerContext) -> pb.NeighbourKeys:
+        with _status_on_error(context):
+            ref = request.sender
+            manager = self._manager(ref.job_id)
+            advert = KeyAdvert(ref.cohort_id, ref.member, request.share_key, request.mask_key)
+            keys = manager.advertise(ref.cohort_id, ref.member, ref.token, advert)
+            return pb.NeighbourKeys(
+                keys=[pb.NeighbourKey(member=m, share_key=a.share_key, mask_key=a.mask_key) for m, a in sorted(keys.items())]
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def ShareKeys(self, request: pb.SealedSharesMessage, context: grpc.ServicerContext) -> pb.SharesForMember:
+        with _status_on_error(context):
+            ref = request.sender
+            manager = self._manager(ref.job_id)
+            sealed = {share.peer: share.blob for share in request.shares}
+            if len(sealed) != len(request.shares):
+                raise InvalidUpdate("each receiver may appear once among the sealed shares")
+            mine = manager.share(ref.cohort_id, ref.member, ref.token, SealedShares(ref.cohort_id, ref.member, sealed))
+            return pb.SharesForMember(shares=[pb.SealedShare(peer=p, blob=b) for p, b in sorted(mine.items())])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def GetUploadSlot(self, request: pb.MemberRef, context: grpc.ServicerContext) -> pb.UploadSlot:
+        with _status_on_error(context):
+            manager = self._manager(request.job_id)
+            return pb.UploadSlot(version=manager.upload_slot(request.cohort_id, request.member, request.token))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def UploadMasked(self, request_iterator: Iterator[pb.MaskedInputRequest], context: grpc.ServicerContext) -> pb.UnmaskRequestMessage:
+        with _status_on_error(context):
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise InvalidUpdate("a masked upload must start with a `header` message")
+            ref = first.header
+            manager = self._manager(ref.job_id)
+            length = manager.job.vector_length + 1
+            assembler = PayloadAssembler([TensorSpec("masked", np.dtype("<u4"), (length,))])
+            for request in request_iterator:
+                if request.WhichOneof("kind") != "chunk":
+                    raise InvalidUpdate("a masked upload carries one `header`, then only `chunk` messages")
+                assembler.add(request.chunk.data)
+            try:
+                vector = assembler.finish()["masked"]
+            except MalformedPayload as error:
+                raise InvalidUpdate(f"masked input must be {length} uint32 values ({4 * length} bytes): {error}") from error
+            unmask = manager.upload(ref.cohort_id, ref.member, ref.token, vector)
+            return pb.UnmaskRequestMessage(survivors=sorted(unmask.survivors), dropped=sorted(unmask.dropped))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Unmask(self, request: pb.UnmaskResponseMessage, context: grpc.ServicerContext) -> pb.CohortOutcome:
+        with _status_on_error(context):
+            ref = request.sender
+            manager = self._manager(ref.job_id)
+            response = UnmaskResponse(
+                ref.cohort_id,
+                ref.member,
+                {s.peer: s.blob for s in request.self_mask_shares},
+                {s.peer: s.blob for s in request.mask_key_shares},
+            )
+            version = manager.unmask(ref.cohort_id, ref.member, ref.token, response)
+            return pb.CohortOutcome(version=version)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _manager(self, job_id: str) -> CohortManager:
+        job = self._core.job(job_id)
+        manager = self._cohorts.get(job_id)
+        if manager is None:
+            raise PreconditionFailed(f"job {job.job_id!r} does not run secure aggregation; push updates in plaintext")
+        return manager
 
 
 def _check_id(field: str, value: str) -> None:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from server import staleness
+from proto import staleness
 from server.config import StalenessConfig
 from server.errors import ConfigError
 

@@ -265,7 +265,7 @@ def test_negative_dimensions_are_refused(shape: list[int]) -> None:
         specs_from_pb(header)
 
 
-@pytest.mark.parametrize("code", [pb.DTYPE_UNSPECIFIED, 7, 99])
+@pytest.mark.parametrize("code", [pb.DTYPE_UNSPECIFIED, 8, 99])
 def test_unsupported_dtype_codes_are_refused(code: int) -> None:
     header = header_of(pb.TensorSpec(name="w", dtype=code, shape=[1]), payload_bytes=4)  # type: ignore[arg-type]
     with pytest.raises(MalformedPayload, match=f"unsupported dtype code {code}"):

@@ -1,0 +1,273 @@
+"""Runs secure-aggregation cohorts for a job: forms them from the clients that
+check in, drives each `CohortCoordinator` through its phases with deadlines,
+and applies completed cohorts to the job. No gRPC: the servicer calls these
+blocking methods from its RPC threads.
+
+Each phase closes as soon as every expected member has answered, or when a
+caller waiting on it sees the deadline pass; either way exactly one caller
+closes it, under the cohort's lock, and every waiter then reads the result.
+
+Lock order: CohortManager._lock, then _Cohort.lock, then Job._lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from proto.secagg.protocol import (
+    CohortPlan,
+    KeyAdvert,
+    MaskedInput,
+    Phase,
+    ProtocolViolation,
+    SealedShares,
+    UnmaskRequest,
+    UnmaskResponse,
+    default_neighbour_count,
+)
+from proto.secagg.quantize import FixedPoint
+from server.config import SecAggConfig
+from server.core import Job
+from server.errors import PreconditionFailed
+from server.secagg import CohortAborted, CohortCoordinator
+
+T = TypeVar("T")
+Observer = Callable[[str, np.ndarray], None]
+
+
+@dataclass
+class _Cohort:
+    coordinator: CohortCoordinator
+    tokens: dict[int, bytes]
+    deadline: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    changed: threading.Condition = field(init=False)
+    neighbour_keys: dict[int, dict[int, KeyAdvert]] = field(default_factory=dict)
+    shares_for: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    unmask_request: UnmaskRequest | None = None
+    applied_version: int | None = None
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
+
+
+@dataclass(frozen=True)
+class JoinedCohort:
+    plan: CohortPlan
+    token: bytes
+
+
+class CohortManager:
+    def __init__(self, job: Job, config: SecAggConfig, observe: Observer | None = None) -> None:
+        self.job = job
+        self.config = config
+        self._observe = observe
+        self._lock = threading.Lock()
+        self._formed = threading.Condition(self._lock)
+        self._waiting: list[str] = []
+        self._first_wait: float | None = None
+        self._placed: dict[str, JoinedCohort] = {}
+        self._cohorts: dict[str, _Cohort] = {}
+        self._serial = itertools.count(1)
+
+    # -- forming -------------------------------------------------------------------
+
+    def join(self, client_id: str, wait_s: float) -> JoinedCohort | None:
+        """The cohort `client_id` is placed in, or None if none formed in time."""
+        deadline = time.monotonic() + wait_s
+        with self._formed:
+            if client_id not in self._waiting and client_id not in self._placed:
+                self._waiting.append(client_id)
+                if self._first_wait is None:
+                    self._first_wait = time.monotonic()
+            while client_id not in self._placed:
+                self._maybe_form()
+                if client_id in self._placed:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._formed.wait(min(remaining, 0.25))
+            return self._placed.pop(client_id)
+
+    def _maybe_form(self) -> None:
+        size = self.config.cohort_size
+        waited = time.monotonic() - (self._first_wait or time.monotonic())
+        enough = len(self._waiting) >= size or (
+            len(self._waiting) >= self.config.survivors_needed and waited >= self.config.forming_timeout_s
+        )
+        if not enough:
+            return
+        chosen, self._waiting = self._waiting[:size], self._waiting[size:]
+        self._first_wait = time.monotonic() if self._waiting else None
+        self._prune()
+        cohort_id = f"{self.job.job_id}-{next(self._serial)}-{secrets.token_hex(4)}"
+        members = list(range(1, len(chosen) + 1))
+        coordinator = CohortCoordinator(
+            cohort_id,
+            members,
+            neighbours=self.config.neighbours or default_neighbour_count(len(members)),
+            min_survivors=min(self.config.survivors_needed, len(members)),
+            fixed_point=FixedPoint.for_cohort(bits=self.config.ring_bits, bound=self.config.clip_bound, max_summands=len(members)),
+            vector_length=self.job.vector_length + 1,
+            observe=self._observe,
+        )
+        plans = coordinator.plans()
+        cohort = _Cohort(coordinator, {m: secrets.token_bytes(16) for m in members}, time.monotonic() + self.config.phase_timeout_s)
+        self._cohorts[cohort_id] = cohort
+        for client_id, member in zip(chosen, members):
+            self._placed[client_id] = JoinedCohort(plans[member], cohort.tokens[member])
+        self._formed.notify_all()
+
+    # -- phases ----------------------------------------------------------------------
+
+    def advertise(self, cohort_id: str, member: int, token: bytes, advert: KeyAdvert) -> dict[int, KeyAdvert]:
+        cohort = self._cohort(cohort_id, member, token)
+        return self._step(
+            cohort,
+            lambda: cohort.coordinator.receive_advert(advert),
+            Phase.ADVERTISE_KEYS,
+            expected=lambda: set(cohort.coordinator.members),
+            received=lambda: set(cohort.coordinator._adverts),
+            close=lambda: self._close_advertising(cohort),
+            result=lambda: cohort.neighbour_keys.get(member, {}),
+        )
+
+    def share(self, cohort_id: str, member: int, token: bytes, shares: SealedShares) -> dict[int, bytes]:
+        cohort = self._cohort(cohort_id, member, token)
+        return self._step(
+            cohort,
+            lambda: cohort.coordinator.receive_shares(shares),
+            Phase.SHARE_KEYS,
+            expected=lambda: set(cohort.coordinator.advertised),
+            received=lambda: set(cohort.coordinator._sealed),
+            close=lambda: self._close_sharing(cohort),
+            result=lambda: cohort.shares_for.get(member, {}),
+        )
+
+    def upload_slot(self, cohort_id: str, member: int, token: bytes) -> int:
+        cohort = self._cohort(cohort_id, member, token)
+        with cohort.lock:
+            self._raise_if_aborted(cohort)
+            if cohort.coordinator.phase is not Phase.MASKED_INPUT:
+                raise ProtocolViolation(f"uploads are not open in cohort {cohort_id!r} (phase {cohort.coordinator.phase.value})")
+        return self.job.snapshot().version
+
+    def upload(self, cohort_id: str, member: int, token: bytes, vector: np.ndarray) -> UnmaskRequest:
+        cohort = self._cohort(cohort_id, member, token)
+        request = self._step(
+            cohort,
+            lambda: cohort.coordinator.receive_input(MaskedInput(cohort_id, member, vector)),
+            Phase.MASKED_INPUT,
+            expected=lambda: set(cohort.coordinator.shared),
+            received=lambda: set(cohort.coordinator._inputs),
+            close=lambda: self._close_input(cohort),
+            result=lambda: cohort.unmask_request,
+        )
+        assert request is not None
+        return request
+
+    def unmask(self, cohort_id: str, member: int, token: bytes, response: UnmaskResponse) -> int:
+        cohort = self._cohort(cohort_id, member, token)
+        version = self._step(
+            cohort,
+            lambda: cohort.coordinator.receive_unmask(response),
+            Phase.UNMASKING,
+            expected=lambda: set(cohort.coordinator.uploaded),
+            received=lambda: set(cohort.coordinator._responses),
+            close=lambda: self._finish(cohort),
+            result=lambda: cohort.applied_version,
+        )
+        assert version is not None
+        return version
+
+    # -- closing -------------------------------------------------------------------
+
+    def _close_advertising(self, cohort: _Cohort) -> None:
+        cohort.neighbour_keys = cohort.coordinator.close_advertising()
+        cohort.deadline = time.monotonic() + self.config.phase_timeout_s
+
+    def _close_sharing(self, cohort: _Cohort) -> None:
+        cohort.shares_for = cohort.coordinator.close_sharing()
+        cohort.deadline = time.monotonic() + self.config.upload_timeout_s  # members train now
+
+    def _close_input(self, cohort: _Cohort) -> None:
+        cohort.unmask_request = cohort.coordinator.close_input()
+        cohort.deadline = time.monotonic() + self.config.phase_timeout_s
+
+    def _finish(self, cohort: _Cohort) -> None:
+        result = cohort.coordinator.finish()
+        try:
+            cohort.applied_version = self.job.apply_cohort(result.weighted_sum, result.weight_sum, len(result.survivors))
+        except Exception as error:
+            cohort.coordinator.abort(str(error))
+            raise CohortAborted(f"cohort {cohort.coordinator.cohort_id!r} aborted: {error}") from error
+
+    # -- machinery -----------------------------------------------------------------
+
+    def _step(
+        self,
+        cohort: _Cohort,
+        receive: Callable[[], None],
+        phase: Phase,
+        *,
+        expected: Callable[[], set[int]],
+        received: Callable[[], set[int]],
+        close: Callable[[], None],
+        result: Callable[[], T],
+    ) -> T:
+        with cohort.changed:
+            self._raise_if_aborted(cohort)
+            receive()
+            while cohort.coordinator.phase is phase:
+                if received() >= expected() or time.monotonic() >= cohort.deadline:
+                    try:
+                        close()
+                    except CohortAborted:
+                        self._note_abort(cohort)
+                        cohort.changed.notify_all()
+                        raise
+                    cohort.changed.notify_all()
+                    break
+                cohort.changed.wait(max(0.01, min(0.25, cohort.deadline - time.monotonic())))
+            self._raise_if_aborted(cohort)
+            return result()
+
+    def _note_abort(self, cohort: _Cohort) -> None:
+        reason = cohort.coordinator.abort_reason or "unknown"
+        self.job.note_cohort_abort(reason)
+
+    def _raise_if_aborted(self, cohort: _Cohort) -> None:
+        if cohort.coordinator.phase is Phase.ABORTED:
+            raise CohortAborted(f"cohort {cohort.coordinator.cohort_id!r} aborted: {cohort.coordinator.abort_reason}")
+
+    def _cohort(self, cohort_id: str, member: int, token: bytes) -> _Cohort:
+        with self._lock:
+            cohort = self._cohorts.get(cohort_id)
+        if cohort is None:
+            raise PreconditionFailed(f"no cohort {cohort_id!r} in job {self.job.job_id!r} (finished, or never formed)")
+        expected = cohort.tokens.get(member)
+        if expected is None or not secrets.compare_digest(expected, token):
+            raise ProtocolViolation(f"member {member} of cohort {cohort_id!r} did not present its token")
+        return cohort
+
+    def _prune(self) -> None:
+        """Forget cohorts that ended a while ago (their members have had their answer)."""
+        cutoff = time.monotonic() - 2 * self.config.phase_timeout_s
+        for cohort_id, cohort in list(self._cohorts.items()):
+            if cohort.coordinator.phase in (Phase.COMPLETED, Phase.ABORTED) and cohort.deadline < cutoff:
+                del self._cohorts[cohort_id]
+
+    def cohort_phases(self) -> dict[str, str]:
+        with self._lock:
+            return {cohort_id: c.coordinator.phase.value for cohort_id, c in self._cohorts.items()}
+
+
