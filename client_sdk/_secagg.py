@@ -72,6 +72,7 @@ class CohortMember:
         self._adverts: dict[int, KeyAdvert] = {}
         self._held: dict[int, _HeldShares] = {}
         self._masking_neighbours: tuple[int, ...] = ()
+        self._own: _HeldShares | None = None
         self._fixed_point = FixedPoint(bits=plan.bits, scale=plan.scale, bound=plan.bound, max_summands=len(plan.members))
 
     # -- steps -----------------------------------------------------------------
@@ -88,16 +89,21 @@ class CohortMember:
             self._check_cohort(advert.cohort_id)
             if sender != advert.member or sender not in self.plan.neighbours:
                 raise ProtocolViolation(f"member {sender} is not a neighbour of member {self.plan.member}")
-        active = sorted(adverts)
-        if len(active) < self.plan.threshold:
+        # the member holds a share of its own secrets too: as a survivor it can
+        # hand in its own self-mask share, so one more neighbour may drop out
+        holders = sorted([*adverts, self.plan.member])
+        if len(holders) < self.plan.threshold:
             raise ProtocolViolation(
-                f"only {len(active)} neighbours advertised keys; {self.plan.threshold} are needed to share secrets"
+                f"only {len(holders) - 1} neighbours advertised keys; {self.plan.threshold - 1} are needed to share secrets"
             )
-        self_shares = shamir.split(self._self_seed, threshold=self.plan.threshold, indices=active)
-        key_shares = shamir.split(self._mask_keys.private_bytes(), threshold=self.plan.threshold, indices=active)
+        self_shares = shamir.split(self._self_seed, threshold=self.plan.threshold, indices=holders)
+        key_shares = shamir.split(self._mask_keys.private_bytes(), threshold=self.plan.threshold, indices=holders)
         sealed = {}
         for self_share, key_share in zip(self_shares, key_shares):
             receiver = self_share.index
+            if receiver == self.plan.member:
+                self._own = _HeldShares(self_share, key_share)
+                continue
             key = keys.agree(self._share_keys.private, adverts[receiver].share_key, info=share_key_info(self.plan.cohort_id, self.plan.member, receiver))
             sealed[receiver] = seal(
                 key,
@@ -162,6 +168,8 @@ class CohortMember:
             self.state = MemberState.ABORTED
             raise ProtocolViolation(f"refusing to unmask: member {self.plan.member} uploaded but is not listed as a survivor")
         self_mask_shares = {j: self._held[j].self_mask.to_bytes() for j in self._held if j in request.survivors}
+        if self._own is not None:
+            self_mask_shares[self.plan.member] = self._own.self_mask.to_bytes()
         mask_key_shares = {j: self._held[j].mask_key.to_bytes() for j in self._held if j in request.dropped}
         self._advance("unmask")
         return UnmaskResponse(self.plan.cohort_id, self.plan.member, self_mask_shares, mask_key_shares)

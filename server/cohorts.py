@@ -36,7 +36,7 @@ from proto.secagg.protocol import (
 from proto.secagg.quantize import FixedPoint
 from server.config import SecAggConfig
 from server.core import Job
-from server.errors import PreconditionFailed
+from server.errors import PreconditionFailed, ServerError
 from server.secagg import CohortAborted, CohortCoordinator
 
 T = TypeVar("T")
@@ -207,9 +207,10 @@ class CohortManager:
         result = cohort.coordinator.finish()
         try:
             cohort.applied_version = self.job.apply_cohort(result.weighted_sum, result.weight_sum, len(result.survivors))
-        except Exception as error:
+        except ServerError as error:  # e.g. an aggregate that would overflow the model
             cohort.coordinator.abort(str(error))
             raise CohortAborted(f"cohort {cohort.coordinator.cohort_id!r} aborted: {error}") from error
+        cohort.coordinator.complete()
 
     # -- machinery -----------------------------------------------------------------
 

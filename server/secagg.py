@@ -75,7 +75,8 @@ class CohortCoordinator:
         self.cohort_id = cohort_id
         self.members = tuple(members)
         self.graph = neighbour_graph(self.members, neighbours, cohort_id.encode())
-        self.threshold = share_threshold(min(len(n) for n in self.graph.values()))
+        # shares go to each member's neighbours and to itself (k + 1 holders)
+        self.threshold = share_threshold(min(len(n) for n in self.graph.values()) + 1)
         self.min_survivors = min_survivors
         self.fixed_point = fixed_point
         self.vector_length = vector_length
@@ -171,7 +172,8 @@ class CohortCoordinator:
         return UnmaskRequest(self.cohort_id, self.uploaded, self.shared - self.uploaded)
 
     def finish(self) -> CohortResult:
-        """Rebuild the secrets, remove every mask, decode the sum."""
+        """Rebuild the secrets, remove every mask, decode the sum. The cohort
+        stays in UNMASKING until `complete()` (or `abort()`)."""
         responders = frozenset(self._responses)
         self._require_survivors(responders, "answered the unmasking request")
         bits = self.fixed_point.bits
@@ -193,8 +195,11 @@ class CohortCoordinator:
         self._observe("sum", total)
         decoded = self.fixed_point.decode(total)
         self._inputs.clear()  # the masked inputs are no longer needed; free them
-        self._advance(Phase.COMPLETED)
         return CohortResult(decoded[:-1], float(decoded[-1]), self.uploaded)
+
+    def complete(self) -> None:
+        """The caller applied the result; until then the cohort can still abort."""
+        self._advance(Phase.COMPLETED)
 
     def abort(self, reason: str) -> None:
         if self.phase in (Phase.COMPLETED, Phase.ABORTED):
@@ -209,7 +214,7 @@ class CohortCoordinator:
         shares = []
         for holder, response in self._responses.items():
             blob = getattr(response, field).get(owner)
-            if blob is not None and holder in self.graph[owner]:
+            if blob is not None and (holder in self.graph[owner] or holder == owner):
                 shares.append(shamir.Share.from_bytes(blob))
         if len(shares) < self.threshold:
             self._fail(f"only {len(shares)} of the {self.threshold} shares needed to remove member {owner}'s mask arrived")

@@ -228,7 +228,7 @@ def _ack(job_id: str, outcome: PushOutcome) -> pb.PushAck:
 def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[str], None] | None = None) -> Iterator[None]:
     try:
         yield
-    except (ServerError, MalformedPayload) as error:
+    except (ServerError, MalformedPayload, ProtocolViolation, CohortAborted) as error:
         for error_type, code in _STATUS_BY_ERROR:
             if isinstance(error, error_type):
                 if on_reject is not None:

@@ -109,10 +109,11 @@ def neighbour_graph(members: Sequence[int], neighbours: int, seed: bytes) -> dic
     return {m: tuple(sorted(graph[m])) for m in members}
 
 
-def share_threshold(neighbours: int) -> int:
-    """Shares of a member's secrets needed to rebuild them: a majority of its
-    neighbours, so no minority of colluding neighbours can rebuild them."""
-    return neighbours // 2 + 1
+def share_threshold(holders: int) -> int:
+    """Shares of a member's secrets needed to rebuild them: a majority of the
+    holders (its neighbours and itself), so no minority of colluding
+    neighbours can rebuild them."""
+    return holders // 2 + 1
 
 
 def mask_info(cohort_id: str, a: int, b: int) -> bytes:

@@ -79,7 +79,9 @@ def run(coordinator: CohortCoordinator, members: dict[int, CohortMember], data, 
     for m in alive("unmask"):
         if m in request.survivors:
             coordinator.receive_unmask(members[m].unmask(request))
-    return coordinator.finish()
+    result = coordinator.finish()
+    coordinator.complete()
+    return result
 
 
 def plaintext(data, survivors) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
@@ -310,6 +312,7 @@ def _drive_to(coordinator: CohortCoordinator, members: dict[int, CohortMember], 
             for m in members.values():
                 coordinator.receive_unmask(m.unmask(request))
             coordinator.finish()
+            coordinator.complete()
 
 
 def test_member_rejects_every_operation_out_of_order() -> None:
