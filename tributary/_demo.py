@@ -59,7 +59,13 @@ def run_demo(options: dict[str, Any]) -> None:
     except ValueError as error:
         raise click.UsageError(f"cannot split the digits for --clients {options['clients']} --dirichlet-alpha {options['dirichlet_alpha']}: {error}") from error
     strategy = StrategyConfig(name=options["strategy"], buffer_size=options["buffer_size"], clients_per_round=options["clients"])
-    config = ServerConfig(address="127.0.0.1:0", jobs=(JobConfig(job_id="digits", strategy=strategy),))
+    secure = None
+    if options["secure_aggregation"]:
+        from server.config import SecAggConfig
+
+        # a cohort plays the part of fedbuff's buffer: K clients, aggregated as one
+        secure = SecAggConfig(cohort_size=options["buffer_size"], forming_timeout_s=5.0, phase_timeout_s=10.0, upload_timeout_s=30.0)
+    config = ServerConfig(address="127.0.0.1:0", jobs=(JobConfig(job_id="digits", strategy=strategy, secure_aggregation=secure),))
     eval_model = DigitsCNN()
 
     def evaluate(tensors: Any) -> float:
@@ -70,6 +76,8 @@ def run_demo(options: dict[str, Any]) -> None:
         job = running.core.job("digits")
         fleet = _start_fleet(running.address, options, run_dir)
         rule = {"fedbuff": f" (K={strategy.buffer_size})", "fedavg": f" ({strategy.clients_per_round} clients per round)"}
+        if secure is not None:
+            rule["fedbuff"] = f" under secure aggregation (cohorts of {secure.cohort_size})"
         console.print(
             f"server on {running.address}: {strategy.name}{rule.get(strategy.name, '')}, "
             f"{len(fleet)} clients, round times {', '.join(f'{FAST_ROUND_S * f:.2f}s' for f, _ in fleet)}"
@@ -92,6 +100,9 @@ def run_demo(options: dict[str, Any]) -> None:
     reached = first_hit is not None
     results = {
         "strategy": strategy.name,
+        "secure_aggregation": secure is not None,
+        "cohorts_applied": stats.cohorts_applied,
+        "cohorts_aborted": dict(stats.cohorts_aborted),
         "buffer_size": strategy.buffer_size,
         "clients": options["clients"],
         "speed_factors": [f for f, _ in fleet],
@@ -127,6 +138,13 @@ def _validate(options: dict[str, Any]) -> None:
         raise click.BadParameter(f"must be >= 1, got {options['max_versions']}", param_hint="--max-versions")
     if options["time_limit"] <= 0:
         raise click.BadParameter(f"must be > 0, got {options['time_limit']}", param_hint="--time-limit")
+    if options["secure_aggregation"] and options["strategy"] != "fedbuff":
+        raise click.BadParameter(f"secure aggregation runs with fedbuff, not {options['strategy']}", param_hint="--strategy")
+    if options["secure_aggregation"] and not 3 <= options["buffer_size"] <= options["clients"]:
+        raise click.BadParameter(
+            f"with --secure-aggregation the buffer is a cohort: between 3 and --clients ({options['clients']}), got {options['buffer_size']}",
+            param_hint="--buffer-size",
+        )
     if options["dirichlet_alpha"] <= 0:
         raise click.BadParameter(f"must be > 0, got {options['dirichlet_alpha']}", param_hint="--dirichlet-alpha")
     if not 0 < options["target_accuracy"] <= 1:
@@ -212,11 +230,20 @@ def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> 
         table.add_row("target reached", f"after {results['seconds_to_target']:.1f}s, at version {results['version_at_target']}")
     table.add_row("model versions", str(results["final_version"]))
     table.add_row("updates accepted", str(results["updates_accepted"]))
+    if results["secure_aggregation"]:
+        aborted = sum(results["cohorts_aborted"].values())
+        table.add_row("secure cohorts", f"{results['cohorts_applied']} applied, {aborted} aborted")
     rejected = results["updates_rejected"]
     table.add_row("updates rejected", ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "0")
-    histogram = results["staleness_histogram"]
-    table.add_row("staleness seen (tau: count)", " ".join(f"{k}:{v}" for k, v in histogram.items()))
-    table.add_row("updates per client", " ".join(f"{k.removeprefix('client-')}:{v}" for k, v in sorted(results["updates_per_client"].items())))
+    if results["secure_aggregation"]:
+        hidden = "not known to the server (secure aggregation)"
+        table.add_row("staleness seen (tau: count)", hidden)
+        table.add_row("updates per client", hidden)
+    else:
+        histogram = results["staleness_histogram"]
+        table.add_row("staleness seen (tau: count)", " ".join(f"{k}:{v}" for k, v in histogram.items()))
+        per_client = sorted(results["updates_per_client"].items())
+        table.add_row("updates per client", " ".join(f"{k.removeprefix('client-')}:{v}" for k, v in per_client))
     table.add_row("wall time", f"{results['wall_seconds']:.1f}s")
     console.print(table)
     console.print(f"results written to {run_dir}/ (results.json, final_model.safetensors, client logs)", soft_wrap=True)

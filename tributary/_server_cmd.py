@@ -16,6 +16,8 @@ from server.app import load_initial_models, running_server
 _JOB_FLAGS = (
     "job_id", "initial_model", "task", "strategy", "alpha", "buffer_size", "server_lr", "weight_by_samples",
     "normalizer", "clients_per_round", "staleness", "staleness_a", "staleness_b", "max_staleness", "max_update_bytes",
+    "secure_aggregation", "cohort_size", "min_survivors", "neighbours", "ring_bits", "clip_bound",
+    "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
 )
 
 
@@ -59,9 +61,11 @@ def run_server(options: dict[str, Any]) -> None:
         with running_server(config, models if models is not None else load_initial_models(config)) as running:
             for job in config.jobs:
                 strategy = job.strategy
+                secure = job.secure_aggregation
                 click.echo(
                     f"job {job.job_id!r}: {strategy.name}, staleness {job.staleness.describe()}, "
                     f"max_staleness {job.max_staleness if job.max_staleness is not None else 'none'}"
+                    + (f", secure aggregation in cohorts of {secure.cohort_size}" if secure else "")
                 )
             click.echo(f"tributary server listening on {running.address}", nl=True)
             sys.stdout.flush()

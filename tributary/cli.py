@@ -37,6 +37,15 @@ def main() -> None:
 @click.option("--staleness-b", type=float, default=None, help="hinge: staleness up to which updates count fully.  [default: 4]")
 @click.option("--max-staleness", type=int, default=None, help="Reject updates more stale than this.  [default: no bound]")
 @click.option("--max-update-bytes", type=int, default=None, help="Largest update accepted.  [default: 2 GiB]")
+@click.option("--secure-aggregation", is_flag=True, default=None, help="Aggregate in SecAgg+ cohorts: the server sees only sums (fedbuff only).")
+@click.option("--cohort-size", type=int, default=None, help="Secure aggregation: members per cohort.  [default: 8]")
+@click.option("--min-survivors", type=int, default=None, help="Secure aggregation: members that must finish for a cohort to count.  [default: 2/3 of the cohort]")
+@click.option("--neighbours", type=int, default=None, help="Secure aggregation: neighbours each member masks with.  [default: about 2 log2(cohort size)]")
+@click.option("--ring-bits", type=int, default=None, help="Secure aggregation: fixed-point ring Z_2^bits.  [default: 32]")
+@click.option("--clip-bound", type=float, default=None, help="Secure aggregation: clip each weighted value to +-this before quantizing.  [default: 1024]")
+@click.option("--forming-timeout", "forming_timeout_s", type=float, default=None, help="Secure aggregation: seconds to wait for a full cohort.  [default: 10]")
+@click.option("--phase-timeout", "phase_timeout_s", type=float, default=None, help="Secure aggregation: seconds per key or unmasking phase.  [default: 30]")
+@click.option("--upload-timeout", "upload_timeout_s", type=float, default=None, help="Secure aggregation: seconds members may train before the cohort goes on without them.  [default: 300]")
 def server(**options: object) -> None:
     """Run the aggregation server until interrupted (Ctrl-C or SIGTERM)."""
     from tributary._server_cmd import run_server
@@ -77,6 +86,7 @@ def client(**options: object) -> None:
 @click.option("--dirichlet-alpha", type=float, default=0.5, help="Label skew of the client shards.")
 @click.option("--seed", type=int, default=0, help="Seed of data split, shards and initial model.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), help="Where to write the run's results.")
+@click.option("--secure-aggregation", is_flag=True, default=False, help="Aggregate in SecAgg+ cohorts of --buffer-size clients.")
 def demo(**options: object) -> None:
     """Run a whole federation on this machine: a server, a fleet of clients of
     mixed speeds on non-IID digits shards, fedbuff; print what happened."""

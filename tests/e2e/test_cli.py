@@ -15,6 +15,10 @@ import pytest
 TRIBUTARY = [sys.executable, "-m", "tributary"]
 
 
+STARTUP: dict[int, str] = {}
+"""What each started server printed before it listened, by pid."""
+
+
 def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen([*TRIBUTARY, "server", "--address", "127.0.0.1:0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
@@ -27,6 +31,7 @@ def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
         lines.append(line)
         match = re.search(r"listening on (\S+)", line)
         if match:
+            STARTUP[process.pid] = "".join(lines)
             return process, match.group(1)
     process.kill()
     raise AssertionError("server did not start:\n" + "".join(lines))
@@ -192,3 +197,50 @@ def test_bad_demo_flags_are_named(tmp_path: Path, args: list[str], message: str)
     result = subprocess.run([*TRIBUTARY, "demo", "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_demo_reaches_target_under_secure_aggregation(tmp_path: Path) -> None:
+    result = subprocess.run([*TRIBUTARY, "demo", "--secure-aggregation", "--out", str(tmp_path)], capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads(next(tmp_path.glob("demo-*/results.json")).read_text())
+    assert results["secure_aggregation"] is True
+    assert results["reached_target"] is True
+    assert results["cohorts_applied"] >= 1
+    assert results["staleness_histogram"] == {}  # the server never learns individual updates
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--secure-aggregation", "--strategy", "fedasync"], "secure aggregation runs with strategy 'fedbuff'"),
+        (["--secure-aggregation", "--cohort-size", "2"], "cohort_size must be an integer >= 3"),
+        (["--secure-aggregation", "--cohort-size", "50", "--min-survivors", "60"], "min_survivors must be an integer in [2, cohort_size=50]"),
+        (["--secure-aggregation", "--ring-bits", "8", "--cohort-size", "100"], "ring_bits=8"),
+        (["--cohort-size", "5"], "only apply with secure_aggregation = true"),
+    ],
+)
+def test_bad_secure_aggregation_flags_are_named(args: list[str], message: str) -> None:
+    result = subprocess.run([*TRIBUTARY, "server", "--address", "127.0.0.1:0", "--task", "digits", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_secure_server_and_clients_as_processes() -> None:
+    server, address = start_server("--task", "digits", "--secure-aggregation", "--cohort-size", "3", "--forming-timeout", "2", "--upload-timeout", "30")
+    try:
+        clients = [
+            subprocess.Popen(
+                [*TRIBUTARY, "client", "--server", address, "--shard", str(i), "--num-shards", "3", "--updates", "2", "--client-id", f"s{i}"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+            for i in range(3)
+        ]
+        for client in clients:
+            output, _ = client.communicate(timeout=180)
+            assert client.returncode == 0, output
+            assert "2 updates accepted" in output
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert "secure aggregation in cohorts of 3" in STARTUP[server.pid]
