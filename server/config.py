@@ -262,6 +262,12 @@ class ServerConfig:
         if not self.jobs:
             raise ConfigError("the server needs at least one job")
         for job in self.jobs:
+            if job.secure_aggregation is not None and job.secure_aggregation.cohort_size >= self.max_workers:
+                raise ConfigError(
+                    f"job {job.job_id!r}: cohort_size={job.secure_aggregation.cohort_size} needs more than "
+                    f"max_workers={self.max_workers} RPC threads (each member waiting on its cohort holds one); "
+                    "raise max_workers"
+                )
             if job.strategy.synchronous and job.strategy.clients_per_round >= self.max_workers:
                 raise ConfigError(
                     f"job {job.job_id!r}: clients_per_round={job.strategy.clients_per_round} needs more than "
