@@ -94,6 +94,9 @@ class CohortManager:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    self._waiting.remove(client_id)  # it asks again; a stale entry would join a cohort without it
+                    if not self._waiting:
+                        self._first_wait = None
                     return None
                 self._formed.wait(min(remaining, 0.25))
             return self._placed.pop(client_id)
