@@ -213,3 +213,25 @@ def test_high_level_fit_trains_under_secure_aggregation() -> None:
         snapshot = running.core.job("default").snapshot()
         assert snapshot.version == 2
         np.testing.assert_allclose(snapshot.tensors["weight"], 0.02, atol=1e-4)
+
+
+def test_member_vanishing_during_key_setup_is_left_out() -> None:
+    """A client joins, is placed in the cohort, and never advertises keys: the
+    key phase closes at its deadline without it and the others complete."""
+    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(cohort_size=4, min_survivors=3, phase_timeout_s=2.0),))
+    with running_server(config, {"default": MODEL}, grace_s=0.5) as running:
+        silent: dict[str, pb.CohortPlanMessage] = {}
+
+        def silent_joiner() -> None:
+            with grpc.insecure_channel(running.address) as channel:
+                silent["plan"] = pb_grpc.TributaryStub(channel).JoinCohort(
+                    pb.JoinCohortRequest(job_id="default", client_id="silent", wait_timeout_ms=20_000)
+                )
+
+        joiner = threading.Thread(target=silent_joiner)
+        joiner.start()
+        results = run_members(running, 3, upload())
+        joiner.join(30)
+        assert silent["plan"].formed
+        assert all(not isinstance(r, Exception) for r in results.values()), results
+        np.testing.assert_allclose(flat_model(running), expected_model([0, 1, 2]), atol=1e-4)
