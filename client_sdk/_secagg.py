@@ -64,6 +64,14 @@ class _HeldShares:
 
 class CohortMember:
     def __init__(self, plan: CohortPlan) -> None:
+        majority = (len(plan.neighbours) + 1) // 2 + 1
+        if plan.threshold < majority or plan.threshold > len(plan.neighbours) + 1:
+            raise ProtocolViolation(
+                f"refusing a cohort plan with share threshold {plan.threshold}: with {len(plan.neighbours)} neighbours "
+                f"it must be between {majority} (a majority) and {len(plan.neighbours) + 1}"
+            )
+        if not 2 <= plan.min_survivors <= len(plan.members):
+            raise ProtocolViolation(f"refusing a cohort plan with min_survivors {plan.min_survivors}")
         self.plan = plan
         self.state = MemberState.PLANNED
         self._share_keys = keys.KeyPair.generate()
@@ -143,6 +151,9 @@ class CohortMember:
         flat = np.asarray(values, dtype=np.float64).reshape(-1)
         if flat.size + 1 != self.plan.vector_length:
             raise ProtocolViolation(f"input has {flat.size} values; this cohort aggregates {self.plan.vector_length - 1}")
+        # the weight is clipped like every value; cap it first, so w * delta is
+        # scaled by the weight that is actually sent (no member counts for more than bound)
+        weight = min(float(weight), self.plan.bound)
         vector = self._fixed_point.encode(np.append(flat * weight, weight), rng or np.random.default_rng())
         bits = self.plan.bits
         vector = add_mod(vector, expand_mask(self._self_seed, vector.size, bits, purpose=SELF_MASK), bits)
@@ -163,6 +174,11 @@ class CohortMember:
             raise ProtocolViolation(
                 f"refusing to unmask: members {sorted(both)} are listed as both surviving and dropped, "
                 "which would reveal their input"
+            )
+        if len(request.survivors) < self.plan.min_survivors:
+            self.state = MemberState.ABORTED
+            raise ProtocolViolation(
+                f"refusing to unmask: {len(request.survivors)} survivors, fewer than the cohort's {self.plan.min_survivors}"
             )
         if self.plan.member not in request.survivors:
             self.state = MemberState.ABORTED

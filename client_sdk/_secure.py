@@ -24,7 +24,8 @@ from client_sdk._errors import CohortAborted, TributaryError, translate
 from client_sdk._secagg import CohortMember
 from proto import staleness
 from proto import tributary_pb2 as pb
-from proto.secagg.protocol import CohortPlan, KeyAdvert, UnmaskRequest
+from proto.secagg.protocol import CohortPlan, KeyAdvert, ProtocolViolation, UnmaskRequest
+from proto.secagg.sealing import VerificationFailed
 from proto.tensors import iter_chunks
 
 JOIN_WAIT_S = 10.0
@@ -56,12 +57,16 @@ class SecureRound:
             members=tuple(plan_message.members),
             neighbours=tuple(plan_message.neighbours),
             threshold=plan_message.threshold,
+            min_survivors=plan_message.min_survivors,
             bits=plan_message.bits,
             scale=plan_message.scale,
             bound=plan_message.bound,
             vector_length=plan_message.vector_length,
         )
-        self._member = CohortMember(plan)
+        try:
+            self._member = CohortMember(plan)
+        except ProtocolViolation as error:
+            raise CohortAborted(str(error)) from error
         self._rule = plan_message.staleness
         self._ref = pb.MemberRef(job_id=self._client.job, cohort_id=plan.cohort_id, member=plan.member, token=plan_message.token)
         self._setup = threading.Thread(target=self._set_up_keys, name="tributary-secagg-setup", daemon=True)
@@ -73,6 +78,9 @@ class SecureRound:
         if member is None or ref is None or rule is None or self._setup is None:
             raise RuntimeError("call start() before submit()")
         self._setup.join()
+        if isinstance(self._setup_error, (TributaryError, ProtocolViolation, VerificationFailed, ValueError)):
+            # whatever went wrong in key setup, this cohort is lost to us: join another
+            raise CohortAborted(f"key setup failed in cohort {ref.cohort_id!r}: {self._setup_error}") from self._setup_error
         if self._setup_error is not None:
             raise self._setup_error
         stub = self._client._stub

@@ -181,7 +181,7 @@ class StalenessRule(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., a: _Optional[float] = ..., b: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class CohortPlanMessage(_message.Message):
-    __slots__ = ("formed", "cohort_id", "member", "token", "members", "neighbours", "threshold", "bits", "scale", "bound", "vector_length", "staleness")
+    __slots__ = ("formed", "cohort_id", "member", "token", "members", "neighbours", "threshold", "min_survivors", "bits", "scale", "bound", "vector_length", "staleness")
     FORMED_FIELD_NUMBER: _ClassVar[int]
     COHORT_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,7 @@ class CohortPlanMessage(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     BOUND_FIELD_NUMBER: _ClassVar[int]
@@ -201,12 +202,13 @@ class CohortPlanMessage(_message.Message):
     members: _containers.RepeatedScalarFieldContainer[int]
     neighbours: _containers.RepeatedScalarFieldContainer[int]
     threshold: int
+    min_survivors: int
     bits: int
     scale: float
     bound: float
     vector_length: int
     staleness: StalenessRule
-    def __init__(self, formed: _Optional[bool] = ..., cohort_id: _Optional[str] = ..., member: _Optional[int] = ..., token: _Optional[bytes] = ..., members: _Optional[_Iterable[int]] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., bound: _Optional[float] = ..., vector_length: _Optional[int] = ..., staleness: _Optional[_Union[StalenessRule, _Mapping]] = ...) -> None: ...
+    def __init__(self, formed: _Optional[bool] = ..., cohort_id: _Optional[str] = ..., member: _Optional[int] = ..., token: _Optional[bytes] = ..., members: _Optional[_Iterable[int]] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., min_survivors: _Optional[int] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., bound: _Optional[float] = ..., vector_length: _Optional[int] = ..., staleness: _Optional[_Union[StalenessRule, _Mapping]] = ...) -> None: ...
 
 class MemberRef(_message.Message):
     __slots__ = ("job_id", "cohort_id", "member", "token")

@@ -84,6 +84,7 @@ class CohortManager:
         """The cohort `client_id` is placed in, or None if none formed in time."""
         deadline = time.monotonic() + wait_s
         with self._formed:
+            self._prune()
             if client_id not in self._waiting and client_id not in self._placed:
                 self._waiting.append(client_id)
                 if self._first_wait is None:
@@ -94,7 +95,8 @@ class CohortManager:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._waiting.remove(client_id)  # it asks again; a stale entry would join a cohort without it
+                    if client_id in self._waiting:  # it asks again; a stale entry would join a cohort without it
+                        self._waiting.remove(client_id)
                     if not self._waiting:
                         self._first_wait = None
                     return None
@@ -239,6 +241,11 @@ class CohortManager:
                         self._note_abort(cohort)
                         cohort.changed.notify_all()
                         raise
+                    except Exception as error:  # our bug or a library error: end the cohort, do not wedge it
+                        cohort.coordinator.abort(f"internal error while closing {phase.value}: {error}")
+                        self._note_abort(cohort)
+                        cohort.changed.notify_all()
+                        raise CohortAborted(f"cohort {cohort.coordinator.cohort_id!r} aborted: {cohort.coordinator.abort_reason}") from error
                     cohort.changed.notify_all()
                     break
                 cohort.changed.wait(max(0.01, min(0.25, cohort.deadline - time.monotonic())))
@@ -264,11 +271,21 @@ class CohortManager:
         return cohort
 
     def _prune(self) -> None:
-        """Forget cohorts that ended a while ago (their members have had their answer)."""
-        cutoff = time.monotonic() - 2 * self.config.phase_timeout_s
+        """Abort cohorts whose phase deadline passed long ago with nobody left
+        to close it (every member vanished), and forget ended cohorts, so their
+        masked inputs do not stay in memory. Runs whenever a client joins."""
+        now = time.monotonic()
+        grace = 2 * self.config.phase_timeout_s
         for cohort_id, cohort in list(self._cohorts.items()):
-            if cohort.coordinator.phase in (Phase.COMPLETED, Phase.ABORTED) and cohort.deadline < cutoff:
-                del self._cohorts[cohort_id]
+            with cohort.lock:
+                ended = cohort.coordinator.phase in (Phase.COMPLETED, Phase.ABORTED)
+                if not ended and cohort.deadline + grace < now:
+                    cohort.coordinator.abort("every member vanished before the phase could close")
+                    self._note_abort(cohort)
+                    cohort.changed.notify_all()
+                    ended = True
+                if ended and cohort.deadline + grace < now:
+                    del self._cohorts[cohort_id]
 
     def cohort_phases(self) -> dict[str, str]:
         with self._lock:

@@ -135,7 +135,8 @@ class SecAggConfig:
 
     cohort_size: int = 8
     min_survivors: int | None = None
-    """None: two thirds of the cohort, rounded up."""
+    """t. None: two thirds of the cohort, rounded up, or more where the
+    neighbour graph needs it (see proto.secagg.protocol.fewest_safe_survivors)."""
     neighbours: int | None = None
     ring_bits: int = 32
     clip_bound: float = 1024.0
@@ -161,10 +162,33 @@ class SecAggConfig:
             FixedPoint.for_cohort(bits=self.ring_bits, bound=self.clip_bound, max_summands=self.cohort_size)
         except ValueError as error:
             raise ConfigError(f"ring_bits={self.ring_bits!r}, clip_bound={self.clip_bound!r}: {error}") from error
+        if self.min_survivors is not None and self.min_survivors < self._safe_survivors:
+            raise ConfigError(
+                f"min_survivors={self.min_survivors} is too low for cohorts of {self.cohort_size} with "
+                f"{self._neighbour_count} neighbours: with that many survivors, dropouts could leave a member's "
+                f"secrets unrecoverable or split the survivors (revealing partial sums); use at least "
+                f"{self._safe_survivors}, or more neighbours"
+            )
+
+    @property
+    def _neighbour_count(self) -> int:
+        from proto.secagg.protocol import default_neighbour_count
+
+        return min(self.cohort_size - 1, self.neighbours or default_neighbour_count(self.cohort_size))
+
+    @property
+    def _safe_survivors(self) -> int:
+        from proto.secagg.protocol import fewest_safe_survivors
+
+        # the graph rounds k up to even, never down: the bound for k holds
+        return fewest_safe_survivors(self.cohort_size, self._neighbour_count)
 
     @property
     def survivors_needed(self) -> int:
-        return self.min_survivors if self.min_survivors is not None else max(2, math.ceil(2 * self.cohort_size / 3))
+        """t: explicit, or two thirds of the cohort, and never below the safe bound."""
+        if self.min_survivors is not None:
+            return self.min_survivors
+        return min(self.cohort_size, max(math.ceil(2 * self.cohort_size / 3), self._safe_survivors))
 
 
 _SECAGG_KEYS = {f.name for f in fields(SecAggConfig)}

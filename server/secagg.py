@@ -35,6 +35,8 @@ from proto.secagg.protocol import (
     UnmaskResponse,
     check_accepts,
     check_transition,
+    connected,
+    fewest_safe_survivors,
     mask_info,
     neighbour_graph,
     share_threshold,
@@ -75,9 +77,12 @@ class CohortCoordinator:
         self.cohort_id = cohort_id
         self.members = tuple(members)
         self.graph = neighbour_graph(self.members, neighbours, cohort_id.encode())
+        degree = min(len(n) for n in self.graph.values())
         # shares go to each member's neighbours and to itself (k + 1 holders)
-        self.threshold = share_threshold(min(len(n) for n in self.graph.values()) + 1)
-        self.min_survivors = min_survivors
+        self.threshold = share_threshold(degree + 1)
+        # never fewer than the bound below which dropouts could strand a secret
+        # or split the survivors (and so reveal a partial sum)
+        self.min_survivors = min(len(members), max(min_survivors, fewest_safe_survivors(len(members), degree)))
         self.fixed_point = fixed_point
         self.vector_length = vector_length
         self.phase = Phase.CHECK_IN
@@ -103,6 +108,7 @@ class CohortCoordinator:
                 members=self.members,
                 neighbours=self.graph[member],
                 threshold=self.threshold,
+                min_survivors=self.min_survivors,
                 bits=self.fixed_point.bits,
                 scale=self.fixed_point.scale,
                 bound=self.fixed_point.bound,
@@ -143,6 +149,16 @@ class CohortCoordinator:
 
     def receive_unmask(self, response: UnmaskResponse) -> None:
         self._check(MessageKind.UNMASK_RESPONSE, response.cohort_id, response.member, self.uploaded, self._responses)
+        dropped = self.shared - self.uploaded
+        if not set(response.self_mask_shares) <= set(self.uploaded) or not set(response.mask_key_shares) <= dropped:
+            raise ProtocolViolation(
+                f"member {response.member} sent shares for members outside the survivors / dropped lists it was given"
+            )
+        for blob in [*response.self_mask_shares.values(), *response.mask_key_shares.values()]:
+            try:
+                shamir.Share.from_bytes(blob)
+            except ValueError as error:
+                raise ProtocolViolation(f"member {response.member} sent a malformed share: {error}") from None
         self._responses[response.member] = response
 
     # -- closing phases -------------------------------------------------------------
@@ -168,6 +184,10 @@ class CohortCoordinator:
     def close_input(self) -> UnmaskRequest:
         self.uploaded = frozenset(self._inputs)
         self._require_survivors(self.uploaded, "uploaded a masked input")
+        if not connected(self.uploaded, self.graph):
+            # a group of survivors without a neighbour among the others could be
+            # unmasked on its own: its partial sum would be revealed
+            self._fail("the survivors are split into groups with no neighbours in common")
         self._advance(Phase.UNMASKING)
         return UnmaskRequest(self.cohort_id, self.uploaded, self.shared - self.uploaded)
 

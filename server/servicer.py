@@ -127,6 +127,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 members=plan.members,
                 neighbours=plan.neighbours,
                 threshold=plan.threshold,
+                min_survivors=plan.min_survivors,
                 bits=plan.bits,
                 scale=plan.scale,
                 bound=plan.bound,

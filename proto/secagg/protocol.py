@@ -116,6 +116,33 @@ def share_threshold(holders: int) -> int:
     return holders // 2 + 1
 
 
+def fewest_safe_survivors(cohort_size: int, neighbours: int) -> int:
+    """The least min_survivors for which any cohort with that many survivors
+    completes, wherever the dropouts fall: every member's secrets keep a
+    majority of their k + 1 holders (n - t <= k + 1 - threshold), and the
+    survivors stay connected on the k-connected Harary graph (n - t < k), so
+    the server can remove masks only from the whole survivors' sum."""
+    if neighbours >= cohort_size - 1:
+        neighbours = cohort_size - 1
+    tolerable = neighbours + 1 - share_threshold(neighbours + 1)
+    return max(2, cohort_size - tolerable)
+
+
+def connected(members: frozenset[int], graph: Mapping[int, Sequence[int]]) -> bool:
+    """Whether `members` form one piece of `graph` restricted to them."""
+    if not members:
+        return True
+    start = min(members)
+    seen = {start}
+    frontier = [start]
+    while frontier:
+        for other in graph[frontier.pop()]:
+            if other in members and other not in seen:
+                seen.add(other)
+                frontier.append(other)
+    return seen == set(members)
+
+
 def mask_info(cohort_id: str, a: int, b: int) -> bytes:
     """HKDF info for the pairwise mask seed of members a and b (symmetric)."""
     low, high = sorted((a, b))
@@ -137,6 +164,7 @@ class CohortPlan:
     members: tuple[int, ...]
     neighbours: tuple[int, ...]
     threshold: int
+    min_survivors: int
     bits: int
     scale: float
     bound: float

@@ -137,15 +137,104 @@ def test_too_few_survivors_abort_and_apply_nothing(step: str) -> None:
     assert coordinator.abort_reason is not None
 
 
-def test_dropped_neighbours_cannot_leave_a_secret_unrecoverable_silently() -> None:
-    """With k = 2 each member's secrets need 2 shares; if both neighbours of an
-    uploader vanish before unmasking, its self mask cannot be removed: abort."""
-    n = 8
-    coordinator, members = make_cohort(n, neighbours=2, min_survivors=4)
+def test_min_survivors_is_raised_to_the_safe_bound() -> None:
+    """With k = 2 each member's secrets have 3 holders and need 2: only one
+    dropout can be tolerated anywhere, so t becomes n - 1."""
+    coordinator, members = make_cohort(8, neighbours=2, min_survivors=4)
+    assert coordinator.min_survivors == 7
     target = 1
-    neighbours = set(coordinator.graph[target])
-    with pytest.raises(CohortAborted, match=f"remove member {target}'s mask"):
-        run(coordinator, members, inputs(n), drop={"unmask": neighbours})
+    with pytest.raises(CohortAborted, match="the cohort needs 7"):
+        run(coordinator, members, inputs(8), drop={"unmask": set(coordinator.graph[target])})
+
+
+@pytest.mark.parametrize("n", [6, 10, 16, 25])
+def test_any_dropouts_leaving_t_survivors_complete(n: int) -> None:
+    """Worst cases included: t survivors after dropping every neighbour block
+    of a member, and random sets, in the upload phase (the costly one)."""
+    coordinator, _ = make_cohort(n)
+    t = coordinator.min_survivors
+    rng = np.random.default_rng(n)
+    victim = 1
+    candidates = [set(coordinator.graph[victim][: n - t])]
+    candidates += [set(rng.choice(np.arange(1, n + 1), n - t, replace=False).tolist()) for _ in range(3)]
+    for dropped in candidates:
+        coordinator, members = make_cohort(n)
+        data = inputs(n, seed=len(dropped))
+        result = run(coordinator, members, data, drop={"upload": dropped})
+        assert len(result.survivors) == t
+        assert_matches(result, data, coordinator.fixed_point.resolution)
+
+
+def test_split_survivors_abort_instead_of_revealing_a_partial_sum() -> None:
+    """Defence in depth: if t were set below the safe bound, survivors split in
+    two groups must abort (one group's sum could be unmasked alone)."""
+    n = 12
+    coordinator, members = make_cohort(n, neighbours=2)
+    coordinator.min_survivors = 2  # below the bound the coordinator would choose
+    ring_order = _ring_order(coordinator.graph)
+    dropped = {ring_order[0], ring_order[6]}
+    with pytest.raises(CohortAborted, match="split into groups"):
+        run(coordinator, members, inputs(n), drop={"upload": dropped})
+
+
+def _ring_order(graph: dict[int, tuple[int, ...]]) -> list[int]:
+    start = min(graph)
+    order, previous = [start], None
+    while len(order) < len(graph):
+        step = next(o for o in graph[order[-1]] if o != previous and o not in order)
+        previous = order[-1]
+        order.append(step)
+    return order
+
+
+def test_weight_is_capped_at_the_clipping_bound() -> None:
+    """A weight above the bound is capped before it scales the update, so the
+    recovered mean is still the mean of the updates (not inflated)."""
+    n = 4
+    coordinator, members = make_cohort(n)
+    data = {m: (np.full(LENGTH, 0.01), 100.0 if m == 1 else 1.0) for m in range(1, n + 1)}
+    result = run(coordinator, members, data)
+    np.testing.assert_allclose(result.weighted_sum / result.weight_sum, 0.01, atol=1e-4)
+    assert result.weight_sum == pytest.approx(BOUND + 3, abs=1e-3)
+
+
+def test_malformed_share_in_an_unmask_response_is_refused() -> None:
+    coordinator, members, sealed = advanced_to_sharing()
+    for m in members:
+        members[m].receive_shares(sealed[m])
+        coordinator.receive_input(members[m].masked_input(np.zeros(LENGTH), 1.0))
+    request = coordinator.close_input()
+    response = members[1].unmask(request)
+    broken = UnmaskResponse("c1", 1, {j: blob[:-1] for j, blob in response.self_mask_shares.items()}, {})
+    with pytest.raises(ProtocolViolation, match="malformed share"):
+        coordinator.receive_unmask(broken)
+    foreign = UnmaskResponse("c1", 1, {}, {2: next(iter(response.self_mask_shares.values()))})
+    with pytest.raises(ProtocolViolation, match="outside the survivors / dropped lists"):
+        coordinator.receive_unmask(foreign)
+
+
+def test_member_refuses_a_plan_with_a_weak_threshold() -> None:
+    plan = replace(_a_plan(), threshold=1)
+    with pytest.raises(ProtocolViolation, match="share threshold 1"):
+        CohortMember(plan)
+
+
+def _a_plan():  # type: ignore[no-untyped-def]
+    coordinator = CohortCoordinator(
+        "c9", [1, 2, 3, 4, 5], neighbours=4, min_survivors=3,
+        fixed_point=FixedPoint.for_cohort(bits=32, bound=BOUND, max_summands=5), vector_length=LENGTH + 1,
+    )  # fmt: skip
+    return coordinator.plans()[1]
+
+
+def test_member_refuses_to_unmask_with_fewer_than_t_survivors() -> None:
+    coordinator, members, sealed = advanced_to_sharing()
+    for m in members:
+        members[m].receive_shares(sealed[m])
+        members[m].masked_input(np.zeros(LENGTH), 1.0)
+    request = UnmaskRequest("c1", frozenset({1}), frozenset())
+    with pytest.raises(ProtocolViolation, match="fewer than the cohort's"):
+        members[1].unmask(request)
 
 
 # -- misuse and tampering ------------------------------------------------------------
