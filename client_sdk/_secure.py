@@ -1,8 +1,8 @@
 """One update through a secure-aggregation cohort, over gRPC.
 
-`SecureRound.start()` joins a cohort and runs key advertisement and share
-exchange in a background thread, so the member trains while its cohort sets
-up; `submit()` then learns the job's current version, computes the member's
+`SecureRound.start()` returns at once: joining a cohort, key advertisement
+and share exchange run in a background thread, so the member trains while its
+cohort forms and sets up; `submit()` then learns the job's current version, computes the member's
 own weight w = s(tau) * n_samples, and uploads [w * delta, w] masked, then
 answers the unmasking request. Cohort RPCs are not retried: a member that
 lost a step is dropped by its cohort, which completes without it or aborts;
@@ -49,7 +49,19 @@ class SecureRound:
         self._setup_error: BaseException | None = None
 
     def start(self) -> None:
-        """Join a cohort (waiting until one forms) and start its key setup."""
+        """Join a cohort and set up its keys in the background."""
+        self._setup = threading.Thread(target=self._join_and_set_up, name="tributary-secagg-setup", daemon=True)
+        self._setup.start()
+
+    def _join_and_set_up(self) -> None:
+        try:
+            self._join_cohort()
+        except BaseException as error:  # handed to submit(), which raises it on the caller's thread
+            self._setup_error = error
+            return
+        self._set_up_keys()
+
+    def _join_cohort(self) -> None:
         plan_message = self._join()
         plan = CohortPlan(
             cohort_id=plan_message.cohort_id,
@@ -69,20 +81,21 @@ class SecureRound:
             raise CohortAborted(str(error)) from error
         self._rule = plan_message.staleness
         self._ref = pb.MemberRef(job_id=self._client.job, cohort_id=plan.cohort_id, member=plan.member, token=plan_message.token)
-        self._setup = threading.Thread(target=self._set_up_keys, name="tributary-secagg-setup", daemon=True)
-        self._setup.start()
 
     def submit(self, base_version: int, delta: np.ndarray, num_samples: int) -> CohortReceipt:
         """Upload the masked, weighted delta (flat, model order) and unmask."""
-        member, ref, rule = self._member, self._ref, self._rule
-        if member is None or ref is None or rule is None or self._setup is None:
+        if self._setup is None:
             raise RuntimeError("call start() before submit()")
         self._setup.join()
+        if isinstance(self._setup_error, CohortAborted):
+            raise self._setup_error
         if isinstance(self._setup_error, (TributaryError, ProtocolViolation, VerificationFailed, ValueError)):
             # whatever went wrong in key setup, this cohort is lost to us: join another
-            raise CohortAborted(f"key setup failed in cohort {ref.cohort_id!r}: {self._setup_error}") from self._setup_error
+            raise CohortAborted(f"key setup failed: {self._setup_error}") from self._setup_error
         if self._setup_error is not None:
             raise self._setup_error
+        member, ref, rule = self._member, self._ref, self._rule
+        assert member is not None and ref is not None and rule is not None
         stub = self._client._stub
         version = self._call("get an upload slot", partial(stub.GetUploadSlot, ref)).version
         tau = version - base_version
