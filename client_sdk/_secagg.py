@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from proto.secagg import keys, shamir
-from proto.secagg.masks import expand_mask
+from proto.secagg.masks import MaskScratch, apply_mask
 from proto.secagg.protocol import (
     CohortPlan,
     KeyAdvert,
@@ -29,7 +29,7 @@ from proto.secagg.protocol import (
     mask_info,
     share_key_info,
 )
-from proto.secagg.quantize import FixedPoint, add_mod, sub_mod
+from proto.secagg.quantize import FixedPoint
 from proto.secagg.sealing import associated_data, open_sealed, seal
 
 SELF_MASK = b"self"
@@ -154,12 +154,16 @@ class CohortMember:
         # the weight is clipped like every value; cap it first, so w * delta is
         # scaled by the weight that is actually sent (no member counts for more than bound)
         weight = min(float(weight), self.plan.bound)
-        vector = self._fixed_point.encode(np.append(flat * weight, weight), rng or np.random.default_rng())
+        weighted = np.empty(flat.size + 1, dtype=np.float64)
+        np.multiply(flat, weight, out=weighted[:-1])
+        weighted[-1] = weight
+        vector = self._fixed_point.encode(weighted, rng or np.random.default_rng())
         bits = self.plan.bits
-        vector = add_mod(vector, expand_mask(self._self_seed, vector.size, bits, purpose=SELF_MASK), bits)
+        scratch = MaskScratch()  # one keystream buffer for every mask: no new memory per neighbour
+        apply_mask(vector, self._self_seed, bits=bits, purpose=SELF_MASK, scratch=scratch)
         for neighbour in self._masking_neighbours:
-            mask = self.pair_mask(neighbour, vector.size)
-            vector = add_mod(vector, mask, bits) if self.plan.member < neighbour else sub_mod(vector, mask, bits)
+            # +mask towards higher-numbered neighbours, -mask towards lower: pairs cancel in the sum
+            apply_mask(vector, self._pair_seed(neighbour), bits=bits, purpose=PAIR_MASK, subtract=self.plan.member > neighbour, scratch=scratch)
         self._advance("masked_input")
         return MaskedInput(self.plan.cohort_id, self.plan.member, vector)
 
@@ -195,9 +199,8 @@ class CohortMember:
 
     # -- helpers ---------------------------------------------------------------
 
-    def pair_mask(self, neighbour: int, length: int) -> np.ndarray:
-        seed = keys.agree(self._mask_keys.private, self._adverts[neighbour].mask_key, info=mask_info(self.plan.cohort_id, self.plan.member, neighbour))
-        return expand_mask(seed, length, self.plan.bits, purpose=PAIR_MASK)
+    def _pair_seed(self, neighbour: int) -> bytes:
+        return keys.agree(self._mask_keys.private, self._adverts[neighbour].mask_key, info=mask_info(self.plan.cohort_id, self.plan.member, neighbour))
 
     def _check_cohort(self, cohort_id: str) -> None:
         if cohort_id != self.plan.cohort_id:

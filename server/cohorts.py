@@ -120,7 +120,7 @@ class CohortManager:
             cohort_id,
             members,
             neighbours=self.config.neighbours or default_neighbour_count(len(members)),
-            min_survivors=min(self.config.survivors_needed, len(members)),
+            min_survivors=self.config.survivors_needed_for(len(members)),
             fixed_point=FixedPoint.for_cohort(bits=self.config.ring_bits, bound=self.config.clip_bound, max_summands=len(members)),
             vector_length=self.job.vector_length + 1,
             observe=self._observe,

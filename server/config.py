@@ -135,8 +135,8 @@ class SecAggConfig:
 
     cohort_size: int = 8
     min_survivors: int | None = None
-    """t. None: two thirds of the cohort, rounded up, or more where the
-    neighbour graph needs it (see proto.secagg.protocol.fewest_safe_survivors)."""
+    """t. None: proto.secagg.protocol.default_min_survivors (a majority, and
+    n - k + 1 so that the survivors stay connected)."""
     neighbours: int | None = None
     ring_bits: int = 32
     clip_bound: float = 1024.0
@@ -151,7 +151,7 @@ class SecAggConfig:
         if not (isinstance(self.cohort_size, int) and not isinstance(self.cohort_size, bool) and self.cohort_size >= 3):
             raise ConfigError(f"cohort_size must be an integer >= 3 (smaller cohorts reveal inputs), got {self.cohort_size!r}")
         if self.min_survivors is not None and not (
-            isinstance(self.min_survivors, int) and 2 <= self.min_survivors <= self.cohort_size
+            isinstance(self.min_survivors, int) and not isinstance(self.min_survivors, bool) and 2 <= self.min_survivors <= self.cohort_size
         ):
             raise ConfigError(f"min_survivors must be an integer in [2, cohort_size={self.cohort_size}], got {self.min_survivors!r}")
         if self.neighbours is not None and not (isinstance(self.neighbours, int) and 2 <= self.neighbours):
@@ -162,12 +162,11 @@ class SecAggConfig:
             FixedPoint.for_cohort(bits=self.ring_bits, bound=self.clip_bound, max_summands=self.cohort_size)
         except ValueError as error:
             raise ConfigError(f"ring_bits={self.ring_bits!r}, clip_bound={self.clip_bound!r}: {error}") from error
-        if self.min_survivors is not None and self.min_survivors < self._safe_survivors:
+        majority = self.cohort_size // 2 + 1
+        if self.min_survivors is not None and self.min_survivors < majority:
             raise ConfigError(
-                f"min_survivors={self.min_survivors} is too low for cohorts of {self.cohort_size} with "
-                f"{self._neighbour_count} neighbours: with that many survivors, dropouts could leave a member's "
-                f"secrets unrecoverable or split the survivors (revealing partial sums); use at least "
-                f"{self._safe_survivors}, or more neighbours"
+                f"min_survivors={self.min_survivors} is below a majority of the cohort ({majority}); "
+                "fewer survivors than that would let the secrets of members be rebuilt by a minority"
             )
 
     @property
@@ -176,19 +175,20 @@ class SecAggConfig:
 
         return min(self.cohort_size - 1, self.neighbours or default_neighbour_count(self.cohort_size))
 
-    @property
-    def _safe_survivors(self) -> int:
-        from proto.secagg.protocol import fewest_safe_survivors
+    def survivors_needed_for(self, cohort_size: int) -> int:
+        """t for a cohort of `cohort_size` members (smaller than configured when
+        it formed on the forming timeout)."""
+        from proto.secagg.protocol import default_min_survivors, default_neighbour_count
 
-        # the graph rounds k up to even, never down: the bound for k holds
-        return fewest_safe_survivors(self.cohort_size, self._neighbour_count)
+        if self.min_survivors is not None:
+            return min(self.min_survivors, cohort_size)
+        neighbours = min(cohort_size - 1, self.neighbours or default_neighbour_count(cohort_size))
+        return default_min_survivors(cohort_size, neighbours)
 
     @property
     def survivors_needed(self) -> int:
-        """t: explicit, or two thirds of the cohort, and never below the safe bound."""
-        if self.min_survivors is not None:
-            return self.min_survivors
-        return min(self.cohort_size, max(math.ceil(2 * self.cohort_size / 3), self._safe_survivors))
+        """t: explicit, or see proto.secagg.protocol.default_min_survivors."""
+        return self.survivors_needed_for(self.cohort_size)
 
 
 _SECAGG_KEYS = {f.name for f in fields(SecAggConfig)}

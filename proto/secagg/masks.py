@@ -77,14 +77,58 @@ def expand_mask(seed: bytes, length: int, bits: int = 32, *, purpose: bytes = b"
     return mask
 
 
-def _keystream(key: bytes, nonce: bytes, nbytes: int) -> np.ndarray:
+class MaskScratch:
+    """A reusable keystream buffer: applying many masks of one length (a
+    member's pairwise masks, the server's mask removal) then allocates and
+    faults in no new memory per mask."""
+
+    def __init__(self) -> None:
+        self._buffer = np.empty(0, dtype=np.uint8)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        needed = nbytes + _BLOCK_BYTES - 1
+        if self._buffer.size < needed:
+            self._buffer = np.empty(needed, dtype=np.uint8)
+        return self._buffer[:needed]
+
+
+def apply_mask(
+    target: np.ndarray,
+    seed: bytes,
+    *,
+    bits: int = 32,
+    purpose: bytes = b"",
+    subtract: bool = False,
+    scratch: MaskScratch | None = None,
+) -> None:
+    """target <- target +- expand_mask(seed, target.size, bits, purpose=purpose)
+    mod 2^bits, in place (target: flat, writable np.uint32). The same result as
+    add_mod/sub_mod with expand_mask, without a new array per mask."""
+    key = _seed_bytes(seed)
+    bits = validate_bits(bits)
+    if target.dtype != np.uint32 or target.ndim != 1 or not target.flags.writeable:
+        raise ValueError("target must be a flat, writable np.uint32 array")
+    nbytes = 4 * target.size
+    stream = _keystream(key, mask_nonce(purpose), nbytes, (scratch or MaskScratch()).take(nbytes))
+    words = stream.view("<u4")
+    if subtract:
+        np.subtract(target, words, out=target)
+    else:
+        np.add(target, words, out=target)
+    if bits < 32:
+        target &= np.uint32((1 << bits) - 1)
+
+
+def _keystream(key: bytes, nonce: bytes, nbytes: int, buffer: np.ndarray | None = None) -> np.ndarray:
     """AES-256-CTR keystream bytes (the encryption of zeros), written straight
-    into a numpy buffer so the result needs no further copy."""
+    into a numpy buffer (`buffer`, when given, of at least nbytes + 15 bytes)
+    so the result needs no further copy."""
     initial_block = nonce + bytes(_BLOCK_BYTES - _NONCE_BYTES)
     encryptor = Cipher(algorithms.AES(key), modes.CTR(initial_block)).encryptor()
     # update_into may need up to one block of slack beyond the data it writes
-    buffer = np.empty(nbytes + _BLOCK_BYTES - 1, dtype=np.uint8)
-    zeros = bytes(min(nbytes, _CHUNK_BYTES))
+    if buffer is None:
+        buffer = np.empty(nbytes + _BLOCK_BYTES - 1, dtype=np.uint8)
+    zeros = _zeros(min(nbytes, _CHUNK_BYTES))
     written = 0
     while written < nbytes:
         take = min(_CHUNK_BYTES, nbytes - written)
@@ -92,6 +136,17 @@ def _keystream(key: bytes, nonce: bytes, nbytes: int) -> np.ndarray:
         written += encryptor.update_into(memoryview(zeros)[:take], out)
     encryptor.finalize()
     return buffer[:nbytes]
+
+
+_ZEROS = b""
+
+
+def _zeros(nbytes: int) -> bytes:
+    """A shared run of zero bytes (the CTR plaintext), grown when needed."""
+    global _ZEROS
+    if len(_ZEROS) < nbytes:
+        _ZEROS = bytes(nbytes)
+    return _ZEROS
 
 
 def _seed_bytes(seed: object) -> bytes:

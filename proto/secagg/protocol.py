@@ -128,6 +128,17 @@ def fewest_safe_survivors(cohort_size: int, neighbours: int) -> int:
     return max(2, cohort_size - tolerable)
 
 
+def default_min_survivors(cohort_size: int, neighbours: int) -> int:
+    """t by default: a majority of the cohort, and `fewest_safe_survivors`, so
+    that any t survivors complete the cohort. A lower t (down to a majority)
+    still never reveals less than the survivors' whole sum (the coordinator
+    checks the survivors are connected), but completes only if no member lost
+    a majority of its share holders: near certain for few dropouts spread at
+    random, and the cohort aborts cleanly otherwise."""
+    neighbours = min(neighbours, cohort_size - 1)
+    return min(cohort_size, max(cohort_size // 2 + 1, fewest_safe_survivors(cohort_size, neighbours)))
+
+
 def connected(members: frozenset[int], graph: Mapping[int, Sequence[int]]) -> bool:
     """Whether `members` form one piece of `graph` restricted to them."""
     if not members:

@@ -173,3 +173,34 @@ def test_keystream_generated_in_chunks_is_one_continuous_stream(monkeypatch: pyt
     for length in (1, 4, 12, 13, 1001):
         mask = expand_mask(SEED, length, purpose=b"chunks")
         assert mask.astype("<u4").tobytes() == reference_keystream(SEED, b"chunks", 4 * length)
+
+
+@pytest.mark.parametrize("bits", [8, 20, 32])
+@pytest.mark.parametrize("subtract", [False, True])
+def test_apply_mask_in_place_equals_expand_then_add(bits: int, subtract: bool) -> None:
+    from proto.secagg.masks import MaskScratch, apply_mask
+    from proto.secagg.quantize import add_mod, sub_mod
+
+    rng = np.random.default_rng(bits)
+    target = rng.integers(0, 1 << bits, 10_007, dtype=np.uint64).astype(np.uint32)
+    seed = bytes(range(32))
+    expected = (sub_mod if subtract else add_mod)(target, expand_mask(seed, target.size, bits, purpose=b"pair"), bits)
+    scratch = MaskScratch()
+    apply_mask(target, seed, bits=bits, purpose=b"pair", subtract=subtract, scratch=scratch)
+    np.testing.assert_array_equal(target, expected)
+    # the scratch buffer is reused, and a second mask with it is still right
+    other = bytes(32)
+    expected_again = add_mod(expected, expand_mask(other, target.size, bits, purpose=b"self"), bits)
+    apply_mask(target, other, bits=bits, purpose=b"self", scratch=scratch)
+    np.testing.assert_array_equal(target, expected_again)
+
+
+def test_apply_mask_refuses_a_target_it_cannot_update_in_place() -> None:
+    from proto.secagg.masks import apply_mask
+
+    with pytest.raises(ValueError, match="flat, writable np.uint32"):
+        apply_mask(np.zeros(4, np.int64), bytes(32))
+    frozen = np.zeros(4, np.uint32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="flat, writable np.uint32"):
+        apply_mask(frozen, bytes(32))

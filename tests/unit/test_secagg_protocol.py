@@ -24,6 +24,7 @@ from proto.secagg.protocol import (
     check_accepts,
     check_transition,
     default_neighbour_count,
+    fewest_safe_survivors,
     neighbour_graph,
 )
 from proto.secagg.quantize import FixedPoint
@@ -137,28 +138,45 @@ def test_too_few_survivors_abort_and_apply_nothing(step: str) -> None:
     assert coordinator.abort_reason is not None
 
 
-def test_min_survivors_is_raised_to_the_safe_bound() -> None:
-    """With k = 2 each member's secrets have 3 holders and need 2: only one
-    dropout can be tolerated anywhere, so t becomes n - 1."""
-    coordinator, members = make_cohort(8, neighbours=2, min_survivors=4)
-    assert coordinator.min_survivors == 7
+def test_dropouts_that_strand_a_secret_abort_cleanly() -> None:
+    """With k = 2 each member's secrets have 3 holders and need 2: if both
+    neighbours of an uploader vanish before unmasking, its self mask cannot be
+    removed, so the cohort aborts instead of producing a wrong sum."""
+    n = 8
+    coordinator, members = make_cohort(n, neighbours=2, min_survivors=5)
     target = 1
-    with pytest.raises(CohortAborted, match="the cohort needs 7"):
-        run(coordinator, members, inputs(8), drop={"unmask": set(coordinator.graph[target])})
+    with pytest.raises(CohortAborted, match=f"remove member {target}'s mask"):
+        run(coordinator, members, inputs(n), drop={"unmask": set(coordinator.graph[target])})
 
 
 @pytest.mark.parametrize("n", [6, 10, 16, 25])
-def test_any_dropouts_leaving_t_survivors_complete(n: int) -> None:
-    """Worst cases included: t survivors after dropping every neighbour block
-    of a member, and random sets, in the upload phase (the costly one)."""
+def test_any_dropouts_leaving_the_safe_number_of_survivors_complete(n: int) -> None:
+    """From fewest_safe_survivors up, completion is certain wherever the
+    dropouts fall: here all of them next to one member."""
     coordinator, _ = make_cohort(n)
-    t = coordinator.min_survivors
+    k = min(len(v) for v in coordinator.graph.values())
+    t = fewest_safe_survivors(n, k)
+    dropped = set(coordinator.graph[1][: n - t])
+    coordinator, members = make_cohort(n, min_survivors=t)
+    data = inputs(n, seed=n)
+    result = run(coordinator, members, data, drop={"upload": dropped})
+    assert len(result.survivors) == t
+    assert_matches(result, data, coordinator.fixed_point.resolution)
+
+
+@pytest.mark.parametrize("n", [10, 16, 25, 40, 100])
+def test_ten_percent_random_dropouts_complete_with_a_lower_t(n: int) -> None:
+    """t below the certain bound (t = 90% of n): dropouts spread at random
+    still leave every member a majority of its share holders (for n = 100,
+    k = 14, more than the certain bound of default_min_survivors allows)."""
+    coordinator, _ = make_cohort(n)
+    k = min(len(v) for v in coordinator.graph.values())
+    t = n - max(1, n // 10)
+    assert t >= n // 2 + 1 and k >= 2
     rng = np.random.default_rng(n)
-    victim = 1
-    candidates = [set(coordinator.graph[victim][: n - t])]
-    candidates += [set(rng.choice(np.arange(1, n + 1), n - t, replace=False).tolist()) for _ in range(3)]
-    for dropped in candidates:
-        coordinator, members = make_cohort(n)
+    for _ in range(3):
+        dropped = set(rng.choice(np.arange(1, n + 1), n - t, replace=False).tolist())
+        coordinator, members = make_cohort(n, min_survivors=t)
         data = inputs(n, seed=len(dropped))
         result = run(coordinator, members, data, drop={"upload": dropped})
         assert len(result.survivors) == t
