@@ -24,7 +24,8 @@ test: $(BIN)/tributary
 	$(BIN)/python -m pytest -q --durations=10
 
 bench: $(BIN)/tributary
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.secagg
 
 protos: $(BIN)/tributary
 	$(BIN)/python scripts/gen_protos.py
