@@ -356,3 +356,30 @@ def test_missing_initial_model_is_named() -> None:
     config = ServerConfig(jobs=(JobConfig(job_id="a"), JobConfig(job_id="b")))
     with pytest.raises(ValueError, match="no initial model for job\\(s\\) b"):
         AggregationCore.from_config(config, {"a": {"w": np.zeros(2, np.float32)}})
+
+
+def test_secure_aggregation_from_toml(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from server import ServerConfig
+
+    path = tmp_path / "server.toml"
+    path.write_text(
+        'address = "127.0.0.1:0"\n[[jobs]]\nid = "private"\nstrategy = "fedbuff"\nsecure_aggregation = true\n'
+        "cohort_size = 10\nneighbours = 6\nring_bits = 32\nclip_bound = 256.0\nupload_timeout_s = 60.0\n"
+    )
+    job = ServerConfig.from_toml(path).jobs[0]
+    assert job.secure_aggregation is not None
+    assert (job.secure_aggregation.cohort_size, job.secure_aggregation.neighbours) == (10, 6)
+    assert job.secure_aggregation.clip_bound == 256.0
+    # t defaults to the bound where any t survivors complete: 6 neighbours + self = 7 holders, 4 needed
+    assert job.secure_aggregation.survivors_needed == 7
+
+
+def test_secure_aggregation_settings_are_checked() -> None:
+    from server import ConfigError, JobConfig
+
+    with pytest.raises(ConfigError, match="min_survivors=5 is below a majority of the cohort \\(6\\)"):
+        JobConfig.from_mapping({"secure_aggregation": True, "cohort_size": 10, "min_survivors": 5})
+    with pytest.raises(ConfigError, match="secure aggregation runs with strategy 'fedbuff'"):
+        JobConfig.from_mapping({"secure_aggregation": True, "strategy": "fedavg"})
+    with pytest.raises(ConfigError, match="no scale >= 1 fits"):
+        JobConfig.from_mapping({"secure_aggregation": True, "ring_bits": 8, "clip_bound": 100.0})
