@@ -58,6 +58,8 @@ from typing import Any, TypeVar
 
 import cryptography
 import numpy as np
+
+from bench._common import count_label, parse_count
 import psutil
 from rich.console import Console
 from rich.table import Table
@@ -521,22 +523,8 @@ def verdicts(results: Sequence[ConfigResult]) -> list[Verdict]:
 # --------------------------------------------------------------------------- #
 
 
-def _count(n: int) -> str:
-    for unit, size in (("M", 1_000_000), ("k", 1_000)):
-        if n >= size and n % (size // 10) == 0:
-            return f"{n / size:g}{unit}"
-    return str(n)
-
-
-def _parse_count(text: str) -> int:
-    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
-    try:
-        value = int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count like 100000, 100k or 1M, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
+_count = count_label
+_parse_count = parse_count
 
 
 def _parse_dropout(text: str) -> Dropout:

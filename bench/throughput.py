@@ -59,6 +59,8 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
+
+from bench._common import count_label, parse_count
 import psutil
 from google.protobuf import wrappers_pb2
 
@@ -756,22 +758,8 @@ def aggregation_only(params: int, min_seconds: float = 0.5) -> float:
 # --------------------------------------------------------------------------- #
 
 
-def _count(n: int) -> str:
-    for unit, size in (("M", 1_000_000), ("k", 1_000)):
-        if n >= size and n % (size // 10) == 0:
-            return f"{n / size:g}{unit}"
-    return str(n)
-
-
-def _parse_count(text: str) -> int:
-    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
-    try:
-        value = int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count like 100000, 100k or 1M, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
+_count = count_label
+_parse_count = parse_count
 
 
 def comparisons(results: Sequence[RunResult], agg_only: dict[int, float]) -> list[dict[str, Any]]:
