@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import platform
+import subprocess
+from typing import Any
+
+import numpy as np
+import psutil
 
 
 def count_label(n: int) -> str:
@@ -23,3 +30,22 @@ def parse_count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
+
+
+def machine(**library_versions: str) -> dict[str, Any]:
+    """What a result was measured on: CPU model, cores, memory, Python, numpy
+    and the libraries the caller names (e.g. grpcio=grpc.__version__)."""
+    model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    return {
+        "cpu_model": model,
+        "logical_cpus": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        **library_versions,
+        "platform": platform.platform(),
+    }

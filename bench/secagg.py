@@ -40,14 +40,11 @@ Each configuration runs in a freshly spawned interpreter (see
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import multiprocessing
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,8 +56,7 @@ from typing import Any, TypeVar
 import cryptography
 import numpy as np
 
-from bench._common import count_label, parse_count
-import psutil
+from bench._common import count_label, machine, parse_count
 from rich.console import Console
 from rich.table import Table
 
@@ -591,23 +587,6 @@ def print_report(console: Console, results: Sequence[ConfigResult], checks: Sequ
         console.print(f"{status}  {check.name}: {check.goal}; measured {check.measured}")
 
 
-def machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    return {
-        "cpu_model": model,
-        "logical_cpus": psutil.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cryptography": cryptography.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def _result_json(r: ConfigResult) -> dict[str, Any]:
     document = asdict(r)
     document.update(
@@ -626,7 +605,7 @@ def write_json(path: Path, args: argparse.Namespace, results: Sequence[ConfigRes
     document = {
         "benchmark": "secagg",
         "command": ["python", "-m", "bench.secagg", *sys.argv[1:]],
-        "machine": machine(),
+        "machine": machine(cryptography=cryptography.__version__),
         "settings": {
             "n": args.n, "params": args.params, "dropout": [_dropout_label(d) for d in args.dropout],
             "neighbours": args.neighbours or "default_neighbour_count(n)", "repeats": args.repeats,

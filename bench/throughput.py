@@ -43,9 +43,7 @@ import dataclasses
 import functools
 import json
 import multiprocessing.context
-import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -60,7 +58,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import numpy as np
 
-from bench._common import count_label, parse_count
+from bench._common import count_label, machine, parse_count
 import psutil
 from google.protobuf import wrappers_pb2
 
@@ -830,23 +828,6 @@ def print_report(results: Sequence[RunResult], rows: Sequence[dict[str, Any]]) -
         console.print(f"target P=1M N=16: tributary moves {ratio:.0%} of raw threaded gRPC's MB/s (goal >= {TARGET_RATIO:.0%}): {verdict}")
 
 
-def machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    return {
-        "cpu_model": model,
-        "logical_cpus": psutil.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def write_json(
     path: Path, settings: Settings, results: Sequence[RunResult], rows: Sequence[dict[str, Any]], agg_only: dict[int, float]
 ) -> None:
@@ -854,7 +835,7 @@ def write_json(
     document = {
         "benchmark": "throughput",
         "command": ["python", "-m", "bench.throughput", *sys.argv[1:]],
-        "machine": machine(),
+        "machine": machine(grpcio=grpc.__version__),
         "settings": dataclasses.asdict(settings),
         "runs": [dataclasses.asdict(r) for r in results],
         "comparisons": list(rows),
