@@ -21,13 +21,21 @@ _JOB_FLAGS = (
 )
 
 
+_FLAG_NAMES = {"job_id": "--job", "forming_timeout_s": "--forming-timeout", "phase_timeout_s": "--phase-timeout", "upload_timeout_s": "--upload-timeout"}
+
+
+def _flag(option: str) -> str:
+    """The command-line spelling of an option's parameter name."""
+    return _FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
+
+
 def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] | None]:
     """The server config and, with --task, the initial model it names."""
     config_path: Path | None = options["config_path"]
     given_job_flags = [f for f in _JOB_FLAGS if options.get(f) is not None]
     if config_path is not None:
         if given_job_flags:
-            flags = ", ".join("--" + f.replace("_", "-").replace("job-id", "job") for f in given_job_flags)
+            flags = ", ".join(_flag(f) for f in given_job_flags)
             raise click.UsageError(f"--config sets the jobs; drop {flags} or move them into {config_path}")
         config = ServerConfig.from_toml(config_path)
         overrides = {k: options[k] for k in ("address", "max_workers") if options[k] is not None}

@@ -244,3 +244,13 @@ def test_secure_server_and_clients_as_processes() -> None:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
     assert "secure aggregation in cohorts of 3" in STARTUP[server.pid]
+
+
+def test_config_file_and_job_flags_do_not_mix(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('[[jobs]]\nid = "a"\n')
+    result = subprocess.run(
+        [*TRIBUTARY, "server", "--config", str(config), "--job", "b", "--upload-timeout", "5"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "drop --job, --upload-timeout or move them into" in result.stderr, result.stderr
