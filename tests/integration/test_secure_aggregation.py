@@ -235,3 +235,59 @@ def test_member_vanishing_during_key_setup_is_left_out() -> None:
         assert silent["plan"].formed
         assert all(not isinstance(r, Exception) for r in results.values()), results
         np.testing.assert_allclose(flat_model(running), expected_model([0, 1, 2]), atol=1e-4)
+
+
+def _status_of(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def test_bad_cohort_requests_get_clear_statuses_and_change_nothing() -> None:
+    plain = JobConfig(job_id="plain", strategy=StrategyConfig(name="fedbuff"))
+    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(cohort_size=3, forming_timeout_s=30.0), plain))
+    with running_server(config, {"default": MODEL, "plain": MODEL}, grace_s=0.5) as running:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.TributaryStub(channel)
+            cases = [
+                (lambda: stub.JoinCohort(pb.JoinCohortRequest(job_id="plain", client_id="c")), grpc.StatusCode.FAILED_PRECONDITION, "does not run secure aggregation"),
+                (lambda: stub.JoinCohort(pb.JoinCohortRequest(job_id="nope", client_id="c")), grpc.StatusCode.NOT_FOUND, "no job 'nope'"),
+                (lambda: stub.JoinCohort(pb.JoinCohortRequest(job_id="default", client_id="")), grpc.StatusCode.INVALID_ARGUMENT, "client_id is empty"),
+                (lambda: stub.GetUploadSlot(pb.MemberRef(job_id="default", cohort_id="ghost", member=1)), grpc.StatusCode.FAILED_PRECONDITION, "no cohort 'ghost'"),
+                (lambda: stub.UploadMasked(iter([])), grpc.StatusCode.INVALID_ARGUMENT, "must start with a `header`"),
+            ]  # fmt: skip
+            for call, code, message in cases:
+                error = _status_of(call)
+                assert error.code() == code, (message, error.details())
+                assert message in error.details()
+
+            plans: dict[int, pb.CohortPlanMessage] = {}
+
+            def join(i: int) -> None:
+                plans[i] = stub.JoinCohort(pb.JoinCohortRequest(job_id="default", client_id=f"c{i}", wait_timeout_ms=10_000))
+
+            threads = [threading.Thread(target=join, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            plan = plans[0]
+            ref = pb.MemberRef(job_id="default", cohort_id=plan.cohort_id, member=plan.member, token=plan.token)
+            cases = [
+                (lambda: stub.AdvertiseKeys(pb.KeyAdvertMessage(sender=ref, share_key=b"short", mask_key=bytes(32))), "32-byte X25519 keys"),
+                (lambda: stub.GetUploadSlot(ref), "uploads are not open"),
+                (lambda: stub.ShareKeys(pb.SealedSharesMessage(sender=ref)), "sealed_shares is not accepted in phase advertise_keys"),
+            ]
+            for call, message in cases:
+                error = _status_of(call)
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+                assert message in error.details()
+            duplicate = pb.SealedSharesMessage(sender=ref, shares=[pb.SealedShare(peer=2, blob=b"a"), pb.SealedShare(peer=2, blob=b"b")])
+            error = _status_of(lambda: stub.ShareKeys(duplicate))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "each receiver may appear once" in error.details()
+        assert running.core.job("default").snapshot().version == 0
+        # the same server still runs a whole cohort afterwards
+        results = run_members(running, 3, upload())
+        assert all(not isinstance(r, Exception) for r in results.values()), results
+        assert running.core.job("default").snapshot().version == 1
