@@ -31,6 +31,14 @@ from proto.tensors import (
 )
 
 T = TypeVar("T")
+CHANNEL_OPTIONS = (
+    # gRPC's own reconnect backoff grows to 120 s by default: a client that
+    # lost its server (restart, crash) would sit out minutes after the server
+    # is back. Our retries pace the calls; the channel should just reconnect.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 MAX_WAIT_S = 3600.0
 _STRATEGY_NAMES = {pb.STRATEGY_KIND_FEDASYNC: "fedasync", pb.STRATEGY_KIND_FEDBUFF: "fedbuff", pb.STRATEGY_KIND_FEDAVG: "fedavg"}
 
@@ -112,7 +120,7 @@ class Client:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self.retry = retry
         self.timeout_s = timeout_s
-        self._channel = channel or grpc.insecure_channel(address)
+        self._channel = channel or grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.TributaryStub(self._channel)
 
     def __enter__(self) -> Client:

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from client_sdk._client import Client
-from client_sdk._errors import CohortAborted, TributaryError, translate
+from client_sdk._errors import CohortAborted, ServerUnavailable, TributaryError, translate
 from client_sdk._secagg import CohortMember
 from proto import staleness
 from proto import tributary_pb2 as pb
@@ -170,7 +170,13 @@ class SecureRound:
         try:
             return call(timeout=self._client.timeout_s + 600) if isinstance(call, partial) else call()
         except grpc.RpcError as error:
-            raise translate(error, f"{doing} in job {self._client.job!r}") from None
+            translated = translate(error, f"{doing} in job {self._client.job!r}")
+            if isinstance(translated, ServerUnavailable):
+                # A cohort lives in the server's memory: a server that went away
+                # (restart, crash) took it along, and a retry would only be told
+                # so. The cohort is over for this member; it joins a new one.
+                raise CohortAborted(f"lost the server while trying to {doing}; this cohort is over, join a new one ({translated})") from None
+            raise translated from None
 
 
 def _weight(rule: pb.StalenessRule, tau: int, num_samples: int) -> float:

@@ -10,6 +10,7 @@ and the threaded servicer keeps the gRPC layer a plain function per RPC.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ from proto import tributary_pb2_grpc as pb_grpc
 from server.cohorts import CohortManager
 from server.config import ServerConfig
 from server.core import AggregationCore
-from server.errors import ConfigError
+from server.errors import ConfigError, StateError
 from server.models import load_model
 from server.servicer import TributaryServicer
+from server.store import StateStore
 
 SERVICE_NAME = "tributary.v1.Tributary"
+log = logging.getLogger("tributary.server")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class RunningServer:
     core: AggregationCore
     grpc_server: grpc.Server
     health: health.HealthServicer
+    recovered: tuple[str, ...] = ()
+    """Jobs whose state was recovered from the state directory."""
 
 
 def load_initial_models(config: ServerConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -52,17 +57,33 @@ def running_server(
     config: ServerConfig,
     initial_models: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     *,
-    grace_s: float = 5.0,
+    grace_s: float | None = None,
     secagg_observer: Callable[[str, np.ndarray], None] | None = None,
 ) -> Iterator[RunningServer]:
     """Serve until the block exits; yields the port actually bound (port 0 in
-    the address picks a free one)."""
+    the address picks a free one). With a state directory, jobs found there
+    resume where they were (the initial models are then not used).
+
+    Leaving the block shuts down gracefully: health turns NOT_SERVING, new RPCs
+    are refused, clients waiting on a cohort or a round are released with a
+    status saying so, in-flight pushes get `grace_s` (default: the config's
+    grace_period_s) to finish, and the state is checkpointed."""
     if initial_models is None:
         initial_models = load_initial_models(config)
     try:
         core = AggregationCore.from_config(config, initial_models)
     except (ValueError, KeyError) as error:
         raise ConfigError(str(error)) from error
+    store = None
+    recovered: list[str] = []
+    if config.state_dir is not None:
+        try:
+            store = StateStore(config.state_dir, config.retention)
+            recovered = [job_id for job_id, job in core.jobs.items() if store.open_job(job)]
+        except StateError as error:
+            if store is not None:
+                store.close()
+            raise ConfigError(str(error)) from error
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="tributary-rpc"))
     cohorts = {
         job.job_id: CohortManager(core.job(job.job_id), job.secure_aggregation, secagg_observer)
@@ -75,15 +96,27 @@ def running_server(
     try:
         port = server.add_insecure_port(config.address)
     except RuntimeError as error:
-        raise ConfigError(f"cannot listen on {config.address}: {error}") from error
+        port = 0
+        reason = str(error)
+    else:
+        reason = "address in use or not local"
     if port == 0:
-        raise ConfigError(f"cannot listen on {config.address}: address in use or not local")
+        if store is not None:
+            store.close()
+        raise ConfigError(f"cannot listen on {config.address}: {reason}")
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = config.address.rpartition(":")[0]
     try:
-        yield RunningServer(port, f"{host}:{port}", core, server, health_servicer)
+        yield RunningServer(port, f"{host}:{port}", core, server, health_servicer, tuple(recovered))
     finally:
         health_servicer.enter_graceful_shutdown()
-        server.stop(grace_s).wait()
+        for manager in cohorts.values():
+            manager.shut_down()
+        for job in core.jobs.values():
+            job.release_waiters()
+        server.stop(config.grace_period_s if grace_s is None else grace_s).wait()
+        if store is not None:
+            store.close()
+            log.info("state written to %s", config.state_dir)

@@ -34,9 +34,10 @@ from proto.secagg.protocol import (
     default_neighbour_count,
 )
 from proto.secagg.quantize import FixedPoint
+from server import faults
 from server.config import SecAggConfig
 from server.core import Job
-from server.errors import PreconditionFailed, ServerError
+from server.errors import ServerError, ShuttingDown
 from server.secagg import CohortAborted, CohortCoordinator
 
 T = TypeVar("T")
@@ -77,6 +78,7 @@ class CohortManager:
         self._placed: dict[str, JoinedCohort] = {}
         self._cohorts: dict[str, _Cohort] = {}
         self._serial = itertools.count(1)
+        self._closing = False
 
     # -- forming -------------------------------------------------------------------
 
@@ -84,6 +86,7 @@ class CohortManager:
         """The cohort `client_id` is placed in, or None if none formed in time."""
         deadline = time.monotonic() + wait_s
         with self._formed:
+            self._raise_if_closing()
             self._prune()
             if client_id not in self._waiting and client_id not in self._placed:
                 self._waiting.append(client_id)
@@ -101,7 +104,29 @@ class CohortManager:
                         self._first_wait = None
                     return None
                 self._formed.wait(min(remaining, 0.25))
-            return self._placed.pop(client_id)
+                self._raise_if_closing()
+            joined = self._placed.pop(client_id)
+        faults.point("secagg.joined")
+        return joined
+
+    def _raise_if_closing(self) -> None:
+        if self._closing:
+            raise ShuttingDown("the server is shutting down; join a cohort again once it is back")
+
+    def shut_down(self) -> None:
+        """Abort every cohort in progress and refuse new joins: members waiting
+        in a phase are released with ABORTED at once, instead of holding the
+        server's shutdown until their deadlines."""
+        with self._formed:
+            self._closing = True
+            self._formed.notify_all()
+            cohorts = list(self._cohorts.values())
+        for cohort in cohorts:
+            with cohort.changed:
+                if cohort.coordinator.phase not in (Phase.COMPLETED, Phase.ABORTED):
+                    cohort.coordinator.abort("the server is shutting down")
+                    self._note_abort(cohort)
+                    cohort.changed.notify_all()
 
     def _maybe_form(self) -> None:
         size = self.config.cohort_size
@@ -136,6 +161,7 @@ class CohortManager:
 
     def advertise(self, cohort_id: str, member: int, token: bytes, advert: KeyAdvert) -> dict[int, KeyAdvert]:
         cohort = self._cohort(cohort_id, member, token)
+        faults.point("secagg.advertise")
         return self._step(
             cohort,
             lambda: cohort.coordinator.receive_advert(advert),
@@ -148,6 +174,7 @@ class CohortManager:
 
     def share(self, cohort_id: str, member: int, token: bytes, shares: SealedShares) -> dict[int, bytes]:
         cohort = self._cohort(cohort_id, member, token)
+        faults.point("secagg.share")
         return self._step(
             cohort,
             lambda: cohort.coordinator.receive_shares(shares),
@@ -168,6 +195,7 @@ class CohortManager:
 
     def upload(self, cohort_id: str, member: int, token: bytes, vector: np.ndarray) -> UnmaskRequest:
         cohort = self._cohort(cohort_id, member, token)
+        faults.point("secagg.upload")
         request = self._step(
             cohort,
             lambda: cohort.coordinator.receive_input(MaskedInput(cohort_id, member, vector)),
@@ -182,6 +210,7 @@ class CohortManager:
 
     def unmask(self, cohort_id: str, member: int, token: bytes, response: UnmaskResponse) -> int:
         cohort = self._cohort(cohort_id, member, token)
+        faults.point("secagg.unmask")
         version = self._step(
             cohort,
             lambda: cohort.coordinator.receive_unmask(response),
@@ -211,7 +240,9 @@ class CohortManager:
     def _finish(self, cohort: _Cohort) -> None:
         result = cohort.coordinator.finish()
         try:
-            cohort.applied_version = self.job.apply_cohort(result.weighted_sum, result.weight_sum, len(result.survivors))
+            cohort.applied_version = self.job.apply_cohort(
+                result.weighted_sum, result.weight_sum, len(result.survivors), cohort.coordinator.cohort_id
+            )
         except ServerError as error:  # e.g. an aggregate that would overflow the model
             cohort.coordinator.abort(str(error))
             raise CohortAborted(f"cohort {cohort.coordinator.cohort_id!r} aborted: {error}") from error
@@ -264,7 +295,9 @@ class CohortManager:
         with self._lock:
             cohort = self._cohorts.get(cohort_id)
         if cohort is None:
-            raise PreconditionFailed(f"no cohort {cohort_id!r} in job {self.job.job_id!r} (finished, or never formed)")
+            # Finished long ago, never formed, or formed before the server
+            # restarted (cohorts live in memory; their members start over).
+            raise CohortAborted(f"no cohort {cohort_id!r} in job {self.job.job_id!r} (it ended, or the server restarted); join a new cohort")
         expected = cohort.tokens.get(member)
         if expected is None or not secrets.compare_digest(expected, token):
             raise ProtocolViolation(f"member {member} of cohort {cohort_id!r} did not present its token")

@@ -268,14 +268,52 @@ class JobConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """What the state directory keeps (see server/store.py)."""
+
+    checkpoint_every: int = 10
+    """Write a checkpoint every this many versions (and at shutdown)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept per job; 0 keeps every one."""
+    keep_log_entries: int = 1_000_000
+    """Update metadata rows (key, client, versions) kept per job; acks of
+    retried pushes are answered from them, so keep at least idempotency_window."""
+
+    def __post_init__(self) -> None:
+        for name, least in (("checkpoint_every", 1), ("keep_checkpoints", 0), ("keep_log_entries", 1)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+_RETENTION_KEYS = {f.name for f in fields(RetentionConfig)}
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     address: str = "127.0.0.1:50051"
     """host:port to listen on; port 0 picks a free one (the bound port is reported)."""
     max_workers: int = 256
     """Threads serving RPCs; each open stream (push, pull, long-poll) holds one."""
     jobs: tuple[JobConfig, ...] = (JobConfig(),)
+    state_dir: Path | None = None
+    """Where jobs, the update log and checkpoints live (server/store.py);
+    None keeps everything in memory and loses it when the process ends."""
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    grace_period_s: float = 10.0
+    """On SIGTERM: how long in-flight RPCs may run before they are cancelled."""
 
     def __post_init__(self) -> None:
+        if self.state_dir is not None and not isinstance(self.state_dir, Path):
+            object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if not (_is_number(self.grace_period_s) and self.grace_period_s >= 0):
+            raise ConfigError(f"grace_period_s must be a number >= 0, got {self.grace_period_s!r}")
+        for job in self.jobs:
+            if self.state_dir is not None and self.retention.keep_log_entries < job.idempotency_window:
+                raise ConfigError(
+                    f"keep_log_entries={self.retention.keep_log_entries} is below job {job.job_id!r}'s "
+                    f"idempotency_window={job.idempotency_window}: retried pushes could be counted twice after a restart"
+                )
         if not isinstance(self.address, str):
             raise ConfigError(f"address must be a \"host:port\" string, got {self.address!r}")
         host, sep, port = self.address.rpartition(":")
@@ -307,16 +345,22 @@ class ServerConfig:
     def from_mapping(cls, values: Mapping[str, Any]) -> ServerConfig:
         values = dict(values)
         jobs = values.pop("jobs", None)
-        unknown = set(values) - {"address", "max_workers"}
+        retention = {k: values.pop(k) for k in list(values) if k in _RETENTION_KEYS and values[k] is not None}
+        unknown = set(values) - {"address", "max_workers", "state_dir", "grace_period_s"} - _RETENTION_KEYS
         if unknown:
             raise ConfigError(f"unknown server setting(s): {', '.join(sorted(unknown))}")
         if jobs is None:
             jobs = [{}]
         if not isinstance(jobs, list):
             raise ConfigError("jobs must be a list of tables ([[jobs]] in TOML)")
+        if values.get("state_dir") is not None:
+            if not isinstance(values["state_dir"], (str, Path)) or not str(values["state_dir"]):
+                raise ConfigError(f"state_dir must be a directory path, got {values['state_dir']!r}")
+            values["state_dir"] = Path(values["state_dir"])
         return cls(
-            **{k: v for k, v in values.items() if v is not None},
+            **{k: v for k, v in values.items() if v is not None and k not in _RETENTION_KEYS},
             jobs=tuple(JobConfig.from_mapping(job) for job in jobs),
+            retention=RetentionConfig(**retention),
         )
 
     @classmethod
@@ -328,6 +372,8 @@ class ServerConfig:
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
         base = Path(path).resolve().parent
+        if isinstance(values.get("state_dir"), str):
+            values["state_dir"] = base / values["state_dir"]
         for job in values.get("jobs", []) if isinstance(values.get("jobs"), list) else []:
             if isinstance(job, dict) and "initial_model" in job:
                 job["initial_model"] = base / job["initial_model"]

@@ -15,7 +15,13 @@ Snapshots are never modified after they are built: a puller holds a reference
 to one and streams it while new versions are published beside it, so a pull
 never waits for, nor sees, a half-applied aggregate.
 
-Lock order: Job._lock only; nothing is called out of the job while holding it.
+With a state directory, a `Journal` (server/store.py) makes each accepted
+update durable before it is applied and acknowledged, and `replay_update` /
+`replay_cohort` rebuild a job from that log after a crash by running the very
+code path the updates first took, so the rebuilt model is bit-identical.
+
+Lock order: Job._lock, then the journal's own lock; the journal never calls
+back into the job.
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ import collections
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from proto.tensors import CHUNK_BYTES, TensorSpec, iter_chunks, specs_of
+from server import faults
 from server.config import JobConfig, ServerConfig
 from server.errors import (
+    StateError,
     IdempotencyConflict,
     PreconditionFailed,
     InvalidUpdate,
@@ -129,6 +138,22 @@ class JobStats:
     """(version, unix time published) of the latest versions, the initial one included."""
 
 
+class Journal(Protocol):
+    """Durable record of what a job accepted (server.store.StateStore)."""
+
+    def record_update(self, job_id: str, header: UpdateHeader, outcome: PushOutcome, delta: Mapping[str, np.ndarray]) -> int:
+        """Store the update and its ack durably; returns its sequence number."""
+
+    def record_cohort(self, job_id: str, cohort_id: str, weighted_sum: np.ndarray, weight_sum: float, contributors: int, version: int) -> int:
+        """Store a securely aggregated cohort durably; returns its sequence number."""
+
+    def forget(self, seq: int) -> None:
+        """Drop an entry whose update the strategy then refused."""
+
+    def published(self, job_id: str, snapshot: ModelSnapshot, seq: int) -> None:
+        """A new version exists (cheap: may queue a checkpoint)."""
+
+
 @dataclass(frozen=True)
 class _Remembered:
     """What a key was used for: enough to tell a retry from a different update
@@ -167,8 +192,50 @@ class Job:
         self._version_changed = threading.Condition(self._lock)
         self._current = ModelSnapshot.copy_of(0, self.specs, initial)
         self._acks: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
+        self._journal: Journal | None = None
+        self._closing = False
         self.stats = JobStats()
         self.stats.versions.append((0, self._current.created_at))
+
+    def attach_journal(self, journal: Journal) -> None:
+        """Log every accepted update to `journal` from now on (before serving)."""
+        self._journal = journal
+
+    # -- recovery (before serving) ---------------------------------------------------
+
+    def restore(self, version: int, tensors: Mapping[str, np.ndarray], published_at: float) -> None:
+        """Start again from a checkpoint: `version` with an empty buffer."""
+        if specs_of(tensors) != list(self.specs):
+            raise StateError(f"job {self.job_id!r}: the checkpoint of version {version} does not match the model's tensors")
+        with self._lock:
+            self._current = ModelSnapshot.copy_of(version, self.specs, tensors)
+            self._strategy = build_strategy(self.config.strategy)
+            self.stats.versions.clear()
+            self.stats.versions.append((version, published_at))
+
+    def replay_update(self, header: UpdateHeader, logged: PushOutcome, delta: Mapping[str, np.ndarray], seq: int) -> None:
+        """Apply a logged update again, exactly as `submit` first did."""
+        with self._lock:
+            if logged.version_at_arrival != self._current.version:
+                raise StateError(
+                    f"job {self.job_id!r}: logged update {seq} arrived at version {logged.version_at_arrival}, "
+                    f"but replay reached version {self._current.version}; the state directory is inconsistent"
+                )
+            outcome = self._outcome_for(header.base_version)
+            self._take(header, outcome, delta, seq, replaying=True)
+            self._remember(header, outcome)
+
+    def replay_cohort(self, weighted_sum: np.ndarray, weight_sum: float, contributors: int, seq: int) -> None:
+        with self._lock:
+            self._publish(self._cohort_params(weighted_sum, weight_sum), seq, replaying=True)
+            self.stats.updates_accepted += contributors
+            self.stats.cohorts_applied += 1
+
+    def remember_acks(self, acks: Iterable[tuple[UpdateHeader, PushOutcome]]) -> None:
+        """Load logged acks (oldest first), so retries after a restart get their first ack."""
+        with self._lock:
+            for header, outcome in acks:
+                self._remember(header, outcome)
 
     @property
     def job_id(self) -> str:
@@ -187,8 +254,14 @@ class Job:
         """The current snapshot once its version is >= min_version, or the
         current one when `timeout_s` passes first."""
         with self._version_changed:
-            self._version_changed.wait_for(lambda: self._current.version >= min_version, timeout=timeout_s)
+            self._version_changed.wait_for(lambda: self._current.version >= min_version or self._closing, timeout=timeout_s)
             return self._current
+
+    def release_waiters(self) -> None:
+        """Shutting down: long polls answer now, with the current version."""
+        with self._version_changed:
+            self._closing = True
+            self._version_changed.notify_all()
 
     def note_cohort_abort(self, reason: str) -> None:
         with self._lock:
@@ -232,46 +305,74 @@ class Job:
             remembered = self._recall(header)
             if remembered is not None:
                 return remembered
-            version, staleness = self._check_version(header)
-            weight = self._staleness_fn(staleness)
-            new_params = self._strategy.take(
-                self._current.tensors,
-                update.delta,
-                staleness_weight=weight,
-                num_samples=header.num_samples,
-                client_id=header.client_id,
-            )
-            if new_params is not None:
-                self._publish(new_params)
-            outcome = PushOutcome(version, staleness, weight, self._current.version)
+            self._check_version(header)
+            outcome = self._outcome_for(header.base_version)
+            seq = 0
+            if self._journal is not None:
+                seq = self._journal.record_update(self.job_id, header, outcome, update.delta)
+                faults.point("push.logged")
+            try:
+                self._take(header, outcome, update.delta, seq)
+            except Exception:
+                if self._journal is not None:
+                    self._journal.forget(seq)
+                raise
             self._remember(header, outcome)
-            self.stats.updates_accepted += 1
-            self.stats.staleness[staleness] += 1
-            self.stats.updates_per_client[header.client_id] += 1
             return outcome
 
-    def apply_cohort(self, weighted_sum: np.ndarray, weight_sum: float, contributors: int) -> int:
+    def _outcome_for(self, base_version: int) -> PushOutcome:
+        """The ack of an update taken now; call with the lock held."""
+        version = self._current.version
+        staleness = version - base_version
+        return PushOutcome(version, staleness, self._staleness_fn(staleness), version + int(self._strategy.publishes_on_next))
+
+    def _take(self, header: UpdateHeader, outcome: PushOutcome, delta: Mapping[str, np.ndarray], seq: int, *, replaying: bool = False) -> None:
+        """Hand an admitted update to the strategy; call with the lock held."""
+        new_params = self._strategy.take(
+            self._current.tensors,
+            delta,
+            staleness_weight=outcome.staleness_weight,
+            num_samples=header.num_samples,
+            client_id=header.client_id,
+        )
+        if new_params is not None:
+            if not replaying:
+                faults.point("aggregate.mid")
+            self._publish(new_params, seq, replaying=replaying)
+        self.stats.updates_accepted += 1
+        self.stats.staleness[outcome.staleness] += 1
+        self.stats.updates_per_client[header.client_id] += 1
+
+    def apply_cohort(self, weighted_sum: np.ndarray, weight_sum: float, contributors: int, cohort_id: str = "") -> int:
         """Apply a securely aggregated cohort as one buffered aggregate:
         x <- x + server_lr * sum(w_i delta_i) / sum(w_i). `weighted_sum` is the
         flat float64 vector of all tensors in model order. Returns the version."""
         if weight_sum <= 0:
             raise InvalidUpdate("the cohort's weights sum to zero: every member was too stale; nothing was applied")
-        scale = self.config.strategy.server_lr / weight_sum
         with self._lock:
-            new_params = {}
-            offset = 0
-            for spec in self.specs:
-                count = spec.nbytes // spec.dtype.itemsize
-                part = weighted_sum[offset : offset + count].reshape(spec.shape)
-                offset += count
-                x = self._current.tensors[spec.name]
-                new_params[spec.name] = (x.astype(np.float64) + scale * part).astype(x.dtype)
-                if not all_finite(new_params[spec.name]):
-                    raise InvalidUpdate(f"the cohort's aggregate would overflow tensor {spec.name!r}; nothing was applied")
-            self._publish(new_params)
+            new_params = self._cohort_params(weighted_sum, weight_sum)
+            seq = 0
+            if self._journal is not None:
+                seq = self._journal.record_cohort(self.job_id, cohort_id, weighted_sum, weight_sum, contributors, self._current.version + 1)
+                faults.point("secagg.logged")
+            self._publish(new_params, seq)
             self.stats.updates_accepted += contributors
             self.stats.cohorts_applied += 1
             return self._current.version
+
+    def _cohort_params(self, weighted_sum: np.ndarray, weight_sum: float) -> dict[str, np.ndarray]:
+        scale = self.config.strategy.server_lr / weight_sum
+        new_params = {}
+        offset = 0
+        for spec in self.specs:
+            count = spec.nbytes // spec.dtype.itemsize
+            part = weighted_sum[offset : offset + count].reshape(spec.shape)
+            offset += count
+            x = self._current.tensors[spec.name]
+            new_params[spec.name] = (x.astype(np.float64) + scale * part).astype(x.dtype)
+            if not all_finite(new_params[spec.name]):
+                raise InvalidUpdate(f"the cohort's aggregate would overflow tensor {spec.name!r}; nothing was applied")
+        return new_params
 
     @property
     def vector_length(self) -> int:
@@ -353,10 +454,12 @@ class Job:
         while len(self._acks) > self.config.idempotency_window:
             self._acks.popitem(last=False)
 
-    def _publish(self, params: Mapping[str, np.ndarray]) -> None:
+    def _publish(self, params: Mapping[str, np.ndarray], seq: int, *, replaying: bool = False) -> None:
         self._current = ModelSnapshot(self._current.version + 1, self.specs, params)
         self.stats.versions.append((self._current.version, self._current.created_at))
         self._version_changed.notify_all()
+        if self._journal is not None and not replaying:
+            self._journal.published(self.job_id, self._current, seq)
 
 
 class AggregationCore:

@@ -9,6 +9,8 @@
     |   +-- RoundClosed          fedavg: the round this update was for is over
     +-- LimitExceeded            over a configured size limit
     +-- IdempotencyConflict      key reused for a different update
+    +-- Unavailable              the server cannot take it now, through no fault
+        +-- ShuttingDown         of the peer's: retry (SIGTERM; state not writable)
 
     ConfigError (ValueError)     bad configuration, raised at start-up
 
@@ -57,6 +59,19 @@ class LimitExceeded(ServerError):
 
 class IdempotencyConflict(InvalidUpdate):
     pass
+
+
+class Unavailable(ServerError):
+    pass
+
+
+class ShuttingDown(Unavailable):
+    pass
+
+
+class StateError(Exception):
+    """The state directory cannot be used (corrupt, written by other settings);
+    raised at start-up, never to a client."""
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,8 @@ from proto.tensors import MalformedPayload, PayloadAssembler, TensorSpec, header
 from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader
 from proto.secagg.protocol import KeyAdvert, ProtocolViolation, SealedShares, UnmaskResponse
 from server.cohorts import CohortManager
-from server.errors import InvalidUpdate, JobNotFound, LimitExceeded, PreconditionFailed, ServerError
+from server import faults
+from server.errors import InvalidUpdate, JobNotFound, LimitExceeded, PreconditionFailed, ServerError, Unavailable
 from server.secagg import CohortAborted
 
 _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -30,6 +31,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (JobNotFound, grpc.StatusCode.NOT_FOUND),
     (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
 _STRATEGY_KIND = {
     "fedasync": pb.STRATEGY_KIND_FEDASYNC,
@@ -103,7 +105,9 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 if request.WhichOneof("kind") != "chunk":
                     raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
                 assembler.add(request.chunk.data)
+                faults.point("push.receiving")
             outcome = job.submit(Update(header, assembler.finish()))
+            faults.point("push.acking")
             return _ack(job.job_id, outcome)
         raise AssertionError("unreachable: _status_on_error aborts")  # pragma: no cover
 

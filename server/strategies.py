@@ -35,6 +35,11 @@ class Strategy(Protocol):
     def pending(self) -> int:
         """Updates taken but not yet part of a published version."""
 
+    @property
+    def publishes_on_next(self) -> bool:
+        """Whether the next `take` returns a new model (known before it runs,
+        so a durable log entry can say which version the update will be in)."""
+
 
 class FedAsync:
     """Xie, Koyejo, Gupta (2019): x <- x + alpha * s(tau) * delta on each arrival."""
@@ -60,6 +65,10 @@ class FedAsync:
     @property
     def pending(self) -> int:
         return 0
+
+    @property
+    def publishes_on_next(self) -> bool:
+        return True
 
 
 def all_finite(array: np.ndarray) -> bool:
@@ -175,6 +184,10 @@ class FedBuff:
     def pending(self) -> int:
         return self._buffer.count
 
+    @property
+    def publishes_on_next(self) -> bool:
+        return self._buffer.count + 1 >= self.buffer_size
+
 
 class FedAvg:
     """Synchronous rounds (McMahan et al. 2017). Round r trains on version r; it
@@ -216,6 +229,10 @@ class FedAvg:
     @property
     def pending(self) -> int:
         return self._round.count
+
+    @property
+    def publishes_on_next(self) -> bool:
+        return self._round.count + 1 >= self.clients_per_round
 
 
 def build_strategy(config: StrategyConfig) -> Strategy:

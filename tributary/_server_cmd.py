@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -21,6 +22,9 @@ _JOB_FLAGS = (
 )
 
 
+_RETENTION_FLAGS = ("checkpoint_every", "keep_checkpoints", "keep_log_entries")
+_SERVER_FLAGS = ("address", "max_workers", "state_dir", "grace_period_s", *_RETENTION_FLAGS)
+
 _FLAG_NAMES = {"job_id": "--job", "forming_timeout_s": "--forming-timeout", "phase_timeout_s": "--phase-timeout", "upload_timeout_s": "--upload-timeout"}
 
 
@@ -38,9 +42,12 @@ def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] 
             flags = ", ".join(_flag(f) for f in given_job_flags)
             raise click.UsageError(f"--config sets the jobs; drop {flags} or move them into {config_path}")
         config = ServerConfig.from_toml(config_path)
-        overrides = {k: options[k] for k in ("address", "max_workers") if options[k] is not None}
+        overrides = {k: options[k] for k in _SERVER_FLAGS if options.get(k) is not None}
+        retention = {k: overrides.pop(k) for k in _RETENTION_FLAGS if k in overrides}
+        if retention:
+            overrides["retention"] = dataclasses.replace(config.retention, **retention)
         if overrides:
-            config = ServerConfig(**{"address": config.address, "max_workers": config.max_workers, **overrides}, jobs=config.jobs)
+            config = dataclasses.replace(config, **overrides)
         return config, None
     if options["task"] and options["initial_model"]:
         raise click.UsageError("give --initial-model or --task, not both")
@@ -51,7 +58,7 @@ def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] 
         "initial_model": options["initial_model"],
         **{k: options[k] for k in _JOB_FLAGS[3:]},
     }
-    config = ServerConfig.from_mapping({"address": options["address"], "max_workers": options["max_workers"], "jobs": [job]})
+    config = ServerConfig.from_mapping({**{k: options.get(k) for k in _SERVER_FLAGS}, "jobs": [job]})
     models = None
     if options["task"]:
         from edge.tasks import initial_weights
@@ -75,9 +82,17 @@ def run_server(options: dict[str, Any]) -> None:
                     f"max_staleness {job.max_staleness if job.max_staleness is not None else 'none'}"
                     + (f", secure aggregation in cohorts of {secure.cohort_size}" if secure else "")
                 )
+            for job_id in running.recovered:
+                resumed = running.core.job(job_id)
+                click.echo(
+                    f"job {job_id!r}: resumed from {config.state_dir} at version {resumed.snapshot().version} "
+                    f"({resumed.pending_updates} buffered updates); its initial model was not used"
+                )
             click.echo(f"tributary server listening on {running.address}", nl=True)
             sys.stdout.flush()
             stop.wait()
-            click.echo("shutting down")
+            click.echo(f"shutting down (grace period {config.grace_period_s:g}s)")
+            sys.stdout.flush()
+        click.echo("stopped" + (f"; state saved in {config.state_dir}" if config.state_dir else ""))
     except ConfigError as error:
         raise click.ClickException(str(error)) from error

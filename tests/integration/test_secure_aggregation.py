@@ -253,7 +253,7 @@ def test_bad_cohort_requests_get_clear_statuses_and_change_nothing() -> None:
                 (lambda: stub.JoinCohort(pb.JoinCohortRequest(job_id="plain", client_id="c")), grpc.StatusCode.FAILED_PRECONDITION, "does not run secure aggregation"),
                 (lambda: stub.JoinCohort(pb.JoinCohortRequest(job_id="nope", client_id="c")), grpc.StatusCode.NOT_FOUND, "no job 'nope'"),
                 (lambda: stub.JoinCohort(pb.JoinCohortRequest(job_id="default", client_id="")), grpc.StatusCode.INVALID_ARGUMENT, "client_id is empty"),
-                (lambda: stub.GetUploadSlot(pb.MemberRef(job_id="default", cohort_id="ghost", member=1)), grpc.StatusCode.FAILED_PRECONDITION, "no cohort 'ghost'"),
+                (lambda: stub.GetUploadSlot(pb.MemberRef(job_id="default", cohort_id="ghost", member=1)), grpc.StatusCode.ABORTED, "no cohort 'ghost'"),
                 (lambda: stub.UploadMasked(iter([])), grpc.StatusCode.INVALID_ARGUMENT, "must start with a `header`"),
             ]  # fmt: skip
             for call, code, message in cases:
