@@ -10,6 +10,7 @@ and the threaded servicer keeps the gRPC layer a plain function per RPC.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from server.models import load_model
 from server.servicer import TributaryServicer
 
 SERVICE_NAME = "tributary.v1.Tributary"
+logger = logging.getLogger("tributary.server")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class RunningServer:
     core: AggregationCore
     grpc_server: grpc.Server
     health: health.HealthServicer
+    tls: bool
+    """Whether the server serves TLS (mutual TLS when its config names a client CA)."""
 
 
 def load_initial_models(config: ServerConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -45,6 +49,17 @@ def load_initial_models(config: ServerConfig) -> dict[str, dict[str, np.ndarray]
             raise ConfigError(f"job {job.job_id!r} needs an initial model (initial_model = path to .safetensors)")
         models[job.job_id] = load_model(job.initial_model)
     return models
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls is None:
+        return None
+    material = config.tls.read()
+    return grpc.ssl_server_credentials(
+        [(material.private_key, material.certificate_chain)],
+        root_certificates=material.client_ca,
+        require_client_auth=material.client_ca is not None,
+    )
 
 
 @contextlib.contextmanager
@@ -57,6 +72,8 @@ def running_server(
 ) -> Iterator[RunningServer]:
     """Serve until the block exits; yields the port actually bound (port 0 in
     the address picks a free one)."""
+    # the TLS files are read first: a bad one stops the server before any other work
+    credentials = _server_credentials(config)
     if initial_models is None:
         initial_models = load_initial_models(config)
     try:
@@ -73,7 +90,10 @@ def running_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(config.address)
+        if credentials is None:
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(config.address, credentials)
     except RuntimeError as error:
         raise ConfigError(f"cannot listen on {config.address}: {error}") from error
     if port == 0:
@@ -82,8 +102,15 @@ def running_server(
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = config.address.rpartition(":")[0]
+    if credentials is None:
+        logger.warning(
+            "serving plaintext on %s:%d (insecure): models, updates and client ids travel unencrypted and "
+            "clients are not authenticated; use TLS (--tls-cert, --tls-key) outside a trusted network",
+            host,
+            port,
+        )
     try:
-        yield RunningServer(port, f"{host}:{port}", core, server, health_servicer)
+        yield RunningServer(port, f"{host}:{port}", core, server, health_servicer, tls=credentials is not None)
     finally:
         health_servicer.enter_graceful_shutdown()
         server.stop(grace_s).wait()
