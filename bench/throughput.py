@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import multiprocessing.context
 import statistics
 import sys
@@ -69,6 +70,12 @@ from server.app import running_server
 from server.core import Job, PushOutcome, Update, UpdateHeader
 from server.servicer import TributaryServicer
 from server.strategies import FedBuff
+
+# Plaintext on loopback on purpose: the raw gRPC references Tributary is measured
+# against are plaintext too. The plaintext warnings (one per server and per
+# pusher) would only bury the tables.
+for _logger in ("tributary.server", "tributary.client"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
 
 RAW_THREADED = "raw-thr"
 RAW_AIO = "raw-aio"
@@ -198,7 +205,7 @@ def _install_tributary_probes(probe: _Probe, aggregate: bool) -> None:
 def _tributary_server(params: int, max_workers: int, probe: _Probe, aggregate: bool) -> Iterator[str]:
     _install_tributary_probes(probe, aggregate)
     job = JobConfig(job_id=JOB_ID, strategy=StrategyConfig(name="fedbuff"), max_staleness=None)
-    config = ServerConfig(address=f"{LOOPBACK}:0", max_workers=max_workers, jobs=(job,))
+    config = ServerConfig(address=f"{LOOPBACK}:0", max_workers=max_workers, jobs=(job,), insecure=True)
     initial = {JOB_ID: {TENSOR: np.zeros(params, dtype=np.float32)}}
     with running_server(config, initial, grace_s=1.0) as running:
         yield running.address
@@ -306,7 +313,9 @@ class _Pusher(Protocol):
 class _TributaryPusher:
     def __init__(self, address: str, delta: np.ndarray, client_id: str) -> None:
         # No retries: a failed push must show up as an error, not as a slow push.
-        self._client = Client(address, job=JOB_ID, client_id=client_id, timeout_s=PUSH_TIMEOUT_S, retry=RetryPolicy(max_attempts=1))
+        self._client = Client(
+            address, job=JOB_ID, client_id=client_id, timeout_s=PUSH_TIMEOUT_S, retry=RetryPolicy(max_attempts=1), insecure=True
+        )
         self._base_version = self._client.pull().version
         self._delta = {TENSOR: delta}
 

@@ -2,9 +2,10 @@
 
 High level (PyTorch)::
 
-    from client_sdk import Client
+    from client_sdk import Client, ClientTLS
 
-    with Client("127.0.0.1:50051", job="default") as client:
+    tls = ClientTLS(ca_file="ca.pem", cert_file="me.pem", key_file="me.key")
+    with Client("server.example:50051", job="default", tls=tls) as client:
         summary = client.fit(model, train_one_round, updates=20)
 
 Low level (numpy or torch tensors, for apps with their own loop)::
@@ -24,13 +25,16 @@ from client_sdk._errors import (
     NotAcceptedNow,
     ProtocolError,
     ServerUnavailable,
+    TLSError,
     TributaryError,
     UpdateRejected,
 )
+from client_sdk._tls import ClientTLS
 from client_sdk._training import FitSummary, TrainFn, fit, load_into, model_arrays, pick_device
 
 __all__ = [
     "Client",
+    "ClientTLS",
     "CohortAborted",
     "FitSummary",
     "JobDescription",
@@ -43,6 +47,7 @@ __all__ = [
     "PushResult",
     "RetryPolicy",
     "ServerUnavailable",
+    "TLSError",
     "TrainFn",
     "TributaryError",
     "UpdateRejected",

@@ -1,5 +1,10 @@
 """The low-level API: pull and push named tensors, with retries.
 
+The channel is TLS unless the app asks for plaintext (`insecure=True`, which
+is logged as a warning): with no settings, the server's certificate is checked
+against gRPC's default roots; `tls=ClientTLS(...)` names a private CA, a
+client certificate for mutual TLS, and the name to expect.
+
 Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter. A push picks its idempotency key
 once and reuses it on every retry, so a retried push whose ack was lost is
 counted once by the server (which answers with the first ack, `duplicate=True`).
@@ -17,7 +22,17 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from client_sdk._errors import TRANSIENT_CODES, ProtocolError, ServerUnavailable, TributaryError, status_code, translate
+from client_sdk._errors import (
+    TRANSIENT_CODES,
+    ProtocolError,
+    ServerUnavailable,
+    TributaryError,
+    closed_connection_hint,
+    status_code,
+    tls_failure,
+    translate,
+)
+from client_sdk._tls import ClientTLS, open_channel
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import (
@@ -31,14 +46,6 @@ from proto.tensors import (
 )
 
 T = TypeVar("T")
-CHANNEL_OPTIONS = (
-    # gRPC's own reconnect backoff grows to 120 s by default: a client that
-    # lost its server (restart, crash) would sit out minutes after the server
-    # is back. Our retries pace the calls; the channel should just reconnect.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
 MAX_WAIT_S = 3600.0
 _STRATEGY_NAMES = {pb.STRATEGY_KIND_FEDASYNC: "fedasync", pb.STRATEGY_KIND_FEDBUFF: "fedbuff", pb.STRATEGY_KIND_FEDAVG: "fedavg"}
 
@@ -100,9 +107,15 @@ class PushResult:
 class Client:
     """A connection to one job on a Tributary server.
 
-    >>> with Client("127.0.0.1:50051", job="default") as client:
+    >>> tls = ClientTLS(ca_file="ca.pem", cert_file="me.pem", key_file="me.key")
+    >>> with Client("server.example:50051", job="default", tls=tls) as client:
     ...     model = client.pull()
     ...     client.push(model.version, delta, num_samples=128)
+
+    `tls`: the CA, client certificate and server name to use; None is TLS
+    against gRPC's default roots. `insecure=True`: plaintext, for a network
+    you trust (logged as a warning); not together with `tls`. `channel`: a
+    channel of your own (e.g. with interceptors), used as it is.
     """
 
     def __init__(
@@ -110,6 +123,8 @@ class Client:
         address: str,
         job: str = "default",
         *,
+        tls: ClientTLS | None = None,
+        insecure: bool = False,
         client_id: str | None = None,
         retry: RetryPolicy = RetryPolicy(),
         timeout_s: float = 300.0,
@@ -120,7 +135,14 @@ class Client:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self.retry = retry
         self.timeout_s = timeout_s
-        self._channel = channel or grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if channel is not None:
+            if tls is not None or insecure:
+                raise ValueError("a channel of your own carries its own credentials: give channel, or tls/insecure, not both")
+            self._transport = "custom"
+            self._channel = channel
+        else:
+            self._channel = open_channel(address, tls, insecure)
+            self._transport = "plaintext" if insecure else ("mtls" if tls is not None and tls.mutual else "tls")
         self._stub = pb_grpc.TributaryStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -241,12 +263,17 @@ class Client:
             try:
                 return call()
             except grpc.RpcError as error:
+                doing_what = f"{doing} on job {self.job!r} at {self.address}"
+                handshake = tls_failure(error, doing_what)
+                if handshake is not None:
+                    raise handshake from None
                 code = status_code(error)
                 delay = next(delays, None) if code in TRANSIENT_CODES else None
                 if delay is None:
-                    translated = translate(error, f"{doing} on job {self.job!r} at {self.address}")
+                    translated = translate(error, doing_what)
                     if code in TRANSIENT_CODES:
-                        translated = ServerUnavailable(f"{translated} after {self.retry.max_attempts} attempts")
+                        hint = closed_connection_hint(error, self._transport)
+                        translated = ServerUnavailable(f"{translated} after {self.retry.max_attempts} attempts{hint}")
                         translated.code = code
                     raise translated from None
                 time.sleep(delay)

@@ -8,6 +8,9 @@
     +-- JobNotFound                the server does not run that job
     +-- LimitExceeded              over one of the server's limits (size, rate)
     +-- ServerUnavailable          the server could not be reached, retries spent
+    |   +-- TLSError               the TLS handshake failed: the server's certificate
+    |                              is not trusted or does not name the host, or the
+    |                              server does not speak TLS. Not retried.
     +-- ProtocolError              the server sent something malformed (a bug, or
                                    not a Tributary server)
     +-- ModelMismatch              the local model does not fit the job's tensors
@@ -46,6 +49,10 @@ class ServerUnavailable(TributaryError):
     pass
 
 
+class TLSError(ServerUnavailable):
+    pass
+
+
 class ProtocolError(TributaryError):
     pass
 
@@ -81,9 +88,63 @@ def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
 
 def translate(error: grpc.RpcError, doing: str) -> TributaryError:
     code = status_code(error)
-    details_fn = getattr(error, "details", None)
-    details = details_fn() if callable(details_fn) else str(error)
+    details = _details(error)
     kind = _BY_CODE.get(code, TributaryError) if code is not None else TributaryError
     translated = kind(f"{doing}: {details}" + (f" ({code.name})" if code is not None else ""))
     translated.code = code
     return translated
+
+
+_HANDSHAKE_FAILURES = (
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS (a plaintext server needs insecure=True, `tributary client --insecure`)"),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the server's certificate is not signed by a CA this client trusts: give the CA that signed it "
+        "as ClientTLS(ca_file=...) (`--ca`)",
+    ),
+    (
+        "Hostname Verification",
+        "the server's certificate does not name the host in the address: connect by a name or IP address "
+        "the certificate holds, or set ClientTLS(server_name=...) to a name it holds",
+    ),
+)
+
+
+def tls_failure(error: grpc.RpcError, doing: str) -> TLSError | None:
+    """A TLSError when the call failed in the TLS handshake on this side: a
+    configuration problem that retrying cannot fix."""
+    details = _details(error)
+    if status_code(error) != grpc.StatusCode.UNAVAILABLE or not (
+        "handshake failed" in details.lower() or "Hostname Verification" in details
+    ):
+        return None
+    reason = next((why for marker, why in _HANDSHAKE_FAILURES if marker in details), "the TLS handshake with the server failed")
+    failure = TLSError(f"{doing}: {reason} ({details})")
+    failure.code = grpc.StatusCode.UNAVAILABLE
+    return failure
+
+
+def closed_connection_hint(error: grpc.RpcError, transport: str) -> str:
+    """Why a server may have closed the connection: it refuses what this client sent.
+
+    A server that rejects a client certificate (or its absence), or a TLS
+    server that receives plaintext, closes the connection; the client sees
+    only "Socket closed", the same as a server that went away."""
+    if "Socket closed" not in _details(error) and "Connection reset" not in _details(error):
+        return ""
+    if transport == "plaintext":
+        return "; this client talks plaintext (insecure=True): if the server serves TLS, give tls=ClientTLS(ca_file=...) instead"
+    if transport == "tls":
+        return (
+            "; if the server requires client certificates (mutual TLS), give ClientTLS(cert_file=..., key_file=...) "
+            "signed by the CA the server trusts"
+        )
+    if transport == "mtls":
+        return "; the server may have refused this client's certificate: it must be signed by the CA the server trusts (--tls-client-ca)"
+    return ""
+
+
+def _details(error: grpc.RpcError) -> str:
+    details_fn = getattr(error, "details", None)
+    details = details_fn() if callable(details_fn) else None
+    return details if isinstance(details, str) else str(error)

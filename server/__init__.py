@@ -1,14 +1,16 @@
 """The aggregation service.
 
 Layers, outermost first (imports point inward only):
-  app        builds a gRPC server from a ServerConfig and runs it
+  app        builds a gRPC server from a ServerConfig and runs it (TLS, mTLS or
+             plaintext when asked for)
+  certs      makes a CA and certificates; reads and checks the server's PEM files
   servicer   thin gRPC layer: messages in, core calls, status codes out
   core       jobs, immutable model snapshots, idempotency, admission (no grpc)
   strategies fedasync / fedbuff / fedavg math on numpy arrays (no grpc)
   staleness  the staleness functions s(tau)
 """
 
-from server.config import JobConfig, ServerConfig, StalenessConfig, StrategyConfig
+from server.config import JobConfig, ServerConfig, StalenessConfig, StrategyConfig, TLSConfig
 from server.core import AggregationCore, Job, ModelSnapshot, PushOutcome, Update, UpdateHeader
 from server.errors import (
     ConfigError,
@@ -34,6 +36,7 @@ __all__ = [
     "ServerError",
     "StalenessConfig",
     "StrategyConfig",
+    "TLSConfig",
     "Update",
     "UpdateHeader",
 ]

@@ -29,7 +29,7 @@ from server.servicer import TributaryServicer
 from server.store import StateStore
 
 SERVICE_NAME = "tributary.v1.Tributary"
-log = logging.getLogger("tributary.server")
+logger = logging.getLogger("tributary.server")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class RunningServer:
     core: AggregationCore
     grpc_server: grpc.Server
     health: health.HealthServicer
+    tls: bool
+    """Whether the server serves TLS (mutual TLS when its config names a client CA)."""
     recovered: tuple[str, ...] = ()
     """Jobs whose state was recovered from the state directory."""
 
@@ -50,6 +52,17 @@ def load_initial_models(config: ServerConfig) -> dict[str, dict[str, np.ndarray]
             raise ConfigError(f"job {job.job_id!r} needs an initial model (initial_model = path to .safetensors)")
         models[job.job_id] = load_model(job.initial_model)
     return models
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls is None:
+        return None
+    material = config.tls.read()
+    return grpc.ssl_server_credentials(
+        [(material.private_key, material.certificate_chain)],
+        root_certificates=material.client_ca,
+        require_client_auth=material.client_ca is not None,
+    )
 
 
 @contextlib.contextmanager
@@ -68,6 +81,8 @@ def running_server(
     are refused, clients waiting on a cohort or a round are released with a
     status saying so, in-flight pushes get `grace_s` (default: the config's
     grace_period_s) to finish, and the state is checkpointed."""
+    # the TLS files are read first: a bad one stops the server before any other work
+    credentials = _server_credentials(config)
     if initial_models is None:
         initial_models = load_initial_models(config)
     try:
@@ -94,7 +109,10 @@ def running_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(config.address)
+        if credentials is None:
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(config.address, credentials)
     except RuntimeError as error:
         port = 0
         reason = str(error)
@@ -108,8 +126,15 @@ def running_server(
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = config.address.rpartition(":")[0]
+    if credentials is None:
+        logger.warning(
+            "serving plaintext on %s:%d (insecure): models, updates and client ids travel unencrypted and "
+            "clients are not authenticated; use TLS (--tls-cert, --tls-key) outside a trusted network",
+            host,
+            port,
+        )
     try:
-        yield RunningServer(port, f"{host}:{port}", core, server, health_servicer, tuple(recovered))
+        yield RunningServer(port, f"{host}:{port}", core, server, health_servicer, tls=credentials is not None, recovered=tuple(recovered))
     finally:
         health_servicer.enter_graceful_shutdown()
         for manager in cohorts.values():
@@ -119,4 +144,4 @@ def running_server(
         server.stop(config.grace_period_s if grace_s is None else grace_s).wait()
         if store is not None:
             store.close()
-            log.info("state written to %s", config.state_dir)
+            logger.info("state written to %s", config.state_dir)

@@ -8,6 +8,12 @@ TOML layout (job keys are flat, like the CLI flags):
 
     address = "127.0.0.1:50051"
     max_workers = 64
+    insecure = true             # or a [tls] table: plaintext must be asked for
+
+    [tls]
+    cert = "certs/server.pem"   # paths are relative to the TOML file
+    key = "certs/server.key"
+    client_ca = "certs/ca.pem"  # optional: require client certificates (mTLS)
 
     [[jobs]]
     id = "default"
@@ -28,10 +34,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proto import staleness as staleness_functions
 from server.errors import ConfigError
+
+if TYPE_CHECKING:
+    from server.certs import ServerTLSMaterial
 
 STRATEGIES = ("fedasync", "fedbuff", "fedavg")
 STALENESS_KINDS = ("constant", "polynomial", "hinge")
@@ -290,6 +299,69 @@ _RETENTION_KEYS = {f.name for f in fields(RetentionConfig)}
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """The server's TLS files (PEM). With `client_ca_file`, clients must present a
+    certificate signed by that CA (mutual TLS); without it, any client may connect.
+
+    The files are read and checked when the config is built, so a missing file,
+    a file that is not PEM, or a key that does not belong to the certificate
+    stops the server before it listens, with the file named."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                raise ConfigError(f"tls {name} must be a path, got {value!r}")
+        self.read()
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca_file is not None
+
+    def read(self) -> ServerTLSMaterial:
+        """The files' contents, checked (ConfigError naming the file otherwise)."""
+        from server.certs import CertificateError, read_server_files
+
+        try:
+            return read_server_files(self.cert_file, self.key_file, self.client_ca_file)
+        except CertificateError as error:
+            raise ConfigError(str(error)) from error
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> TLSConfig:
+        """From a TOML `[tls]` table or the --tls-* flags: cert, key, client_ca."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"tls must be a table with cert, key and client_ca ([tls] in TOML), got {values!r}")
+        unknown = set(values) - set(_TLS_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown tls setting(s): {', '.join(sorted(unknown))} (known: {', '.join(_TLS_KEYS)})")
+        given = {key: value for key, value in values.items() if value is not None}
+        missing = [key for key in ("cert", "key") if key not in given]
+        if missing:
+            raise ConfigError(
+                f"TLS needs both a certificate and its key; tls.{missing[0]} is missing: "
+                "give --tls-cert FILE and --tls-key FILE (cert and key in the TOML [tls] table)"
+            )
+        for key, value in given.items():
+            if not isinstance(value, (str, Path)) or not str(value):
+                raise ConfigError(f"tls.{key} must be a file path, got {value!r}")
+        client_ca = given.get("client_ca")
+        return cls(Path(given["cert"]), Path(given["key"]), Path(client_ca) if client_ca is not None else None)
+
+
+_TLS_KEYS = ("cert", "key", "client_ca")
+PLAINTEXT_HINT = (
+    "give --tls-cert FILE --tls-key FILE (and --tls-client-ca FILE to require client certificates; "
+    "TOML: a [tls] table with cert, key, client_ca), or --insecure (TOML: insecure = true) to serve "
+    "plaintext on a network you trust; `tributary certs DIR` makes the files"
+)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     address: str = "127.0.0.1:50051"
     """host:port to listen on; port 0 picks a free one (the bound port is reported)."""
@@ -302,6 +374,10 @@ class ServerConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     grace_period_s: float = 10.0
     """On SIGTERM: how long in-flight RPCs may run before they are cancelled."""
+    tls: TLSConfig | None = None
+    """Serve TLS (mutual TLS with tls.client_ca_file); exactly one of tls and insecure is set."""
+    insecure: bool = False
+    """Serve plaintext: only when asked for, on a network that is trusted anyway."""
 
     def __post_init__(self) -> None:
         if self.state_dir is not None and not isinstance(self.state_dir, Path):
@@ -340,13 +416,27 @@ class ServerConfig:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ConfigError(f"job ids must be unique; repeated: {', '.join(duplicates)}")
+        if self.tls is not None and not isinstance(self.tls, TLSConfig):
+            raise ConfigError(f"tls must be a TLSConfig, got {self.tls!r}")
+        if not isinstance(self.insecure, bool):
+            raise ConfigError(f"insecure must be true or false, got {self.insecure!r}")
+        if self.tls is None and not self.insecure:
+            raise ConfigError(f"the server serves TLS unless plaintext is asked for: {PLAINTEXT_HINT}")
+        if self.tls is not None and self.insecure:
+            raise ConfigError(
+                "TLS files and insecure exclude each other: drop --insecure (insecure = true) to serve TLS, "
+                "or the --tls-* flags ([tls] table) to serve plaintext"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ServerConfig:
+        """Build from the TOML top level or the server flags: address, max_workers,
+        insecure, tls (a mapping, see TLSConfig.from_mapping) and jobs."""
         values = dict(values)
         jobs = values.pop("jobs", None)
+        tls = values.pop("tls", None)
         retention = {k: values.pop(k) for k in list(values) if k in _RETENTION_KEYS and values[k] is not None}
-        unknown = set(values) - {"address", "max_workers", "state_dir", "grace_period_s"} - _RETENTION_KEYS
+        unknown = set(values) - {"address", "max_workers", "insecure", "state_dir", "grace_period_s"} - _RETENTION_KEYS
         if unknown:
             raise ConfigError(f"unknown server setting(s): {', '.join(sorted(unknown))}")
         if jobs is None:
@@ -357,14 +447,18 @@ class ServerConfig:
             if not isinstance(values["state_dir"], (str, Path)) or not str(values["state_dir"]):
                 raise ConfigError(f"state_dir must be a directory path, got {values['state_dir']!r}")
             values["state_dir"] = Path(values["state_dir"])
+        built_jobs = tuple(JobConfig.from_mapping(job) for job in jobs)
         return cls(
-            **{k: v for k, v in values.items() if v is not None and k not in _RETENTION_KEYS},
-            jobs=tuple(JobConfig.from_mapping(job) for job in jobs),
+            **{k: v for k, v in values.items() if v is not None},
+            jobs=built_jobs,
+            tls=TLSConfig.from_mapping(tls) if tls is not None else None,
             retention=RetentionConfig(**retention),
         )
 
     @classmethod
-    def from_toml(cls, path: Path) -> ServerConfig:
+    def from_toml(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> ServerConfig:
+        """Read a TOML file (paths in it are relative to it); `overrides` replace
+        its top-level keys (command-line flags, paths relative to the working directory)."""
         try:
             values = tomllib.loads(Path(path).read_text())
         except OSError as error:
@@ -377,4 +471,8 @@ class ServerConfig:
         for job in values.get("jobs", []) if isinstance(values.get("jobs"), list) else []:
             if isinstance(job, dict) and "initial_model" in job:
                 job["initial_model"] = base / job["initial_model"]
+        tls = values.get("tls")
+        if isinstance(tls, dict):
+            values["tls"] = {key: base / value if key in _TLS_KEYS and isinstance(value, str) else value for key, value in tls.items()}
+        values.update(overrides or {})
         return cls.from_mapping(values)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 import numpy as np
 import pytest
 
-from server import JobConfig, ServerConfig
+from server import JobConfig, ServerConfig, TLSConfig
 from server.app import RunningServer, running_server
 
 
@@ -23,16 +23,19 @@ def small_model(seed: int = 0) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., RunningServer]]:
-    """serve(*job_configs, models={job_id: tensors}) -> RunningServer on 127.0.0.1:0.
+    """serve(*job_configs, models={job_id: tensors}, tls=None) -> RunningServer on 127.0.0.1:0.
 
     Jobs default to one fedbuff job named "default" serving `small_model()`.
-    Servers are stopped when the test ends.
+    Without `tls` the server talks plaintext (insecure=True): clients of it
+    pass insecure=True too. Servers are stopped when the test ends.
     """
     stack = contextlib.ExitStack()
 
-    def start(*jobs: JobConfig, models: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> RunningServer:
+    def start(
+        *jobs: JobConfig, models: Mapping[str, Mapping[str, np.ndarray]] | None = None, tls: TLSConfig | None = None
+    ) -> RunningServer:
         jobs = jobs or (JobConfig(),)
-        config = ServerConfig(address="127.0.0.1:0", jobs=tuple(jobs))
+        config = ServerConfig(address="127.0.0.1:0", jobs=tuple(jobs), tls=tls, insecure=tls is None)
         models = models or {job.job_id: small_model() for job in jobs}
         return stack.enter_context(running_server(config, models, grace_s=0.5))
 

@@ -26,10 +26,15 @@ def run_client(options: dict[str, Any]) -> None:
             raise click.BadParameter(f"must be >= 1, got {options[name]}", param_hint="--" + name.replace("_", "-"))
     if options["lr"] <= 0:
         raise click.BadParameter(f"must be > 0, got {options['lr']}", param_hint="--lr")
+    tls_flags = [flag for flag, key in (("--ca", "ca_file"), ("--cert", "cert_file"), ("--key", "key_file")) if options[key] is not None]
+    if options["insecure"] and tls_flags:
+        raise click.UsageError(f"--insecure talks plaintext; drop it to use {', '.join(tls_flags)}, or drop {', '.join(tls_flags)}")
+    if (options["cert_file"] is None) != (options["key_file"] is None):
+        raise click.UsageError("a client certificate needs both --cert FILE and --key FILE")
 
     import torch
 
-    from client_sdk import Client, TributaryError, pick_device
+    from client_sdk import Client, ClientTLS, TributaryError, pick_device
     from edge.tasks import build_model, dirichlet_shards, load_digits_split, make_train_fn
 
     try:
@@ -54,8 +59,13 @@ def run_client(options: dict[str, Any]) -> None:
         round_seconds=options["round_seconds"],
     )
     model = build_model(options["seed"])
+    tls = ClientTLS(ca_file=options["ca_file"], cert_file=options["cert_file"], key_file=options["key_file"]) if tls_flags else None
     try:
-        with Client(options["address"], job=options["job"], client_id=options["client_id"]) as client:
+        client = Client(options["address"], job=options["job"], client_id=options["client_id"], tls=tls, insecure=options["insecure"])
+    except ValueError as error:  # a TLS file that cannot work, named
+        raise click.ClickException(str(error)) from error
+    try:
+        with client:
             summary = client.fit(model, train, updates=options["updates"], duration_s=options["duration"], device=str(device))
     except KeyboardInterrupt:
         return

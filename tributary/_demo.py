@@ -3,7 +3,8 @@
 A server on loopback (in this process), a fleet of `tributary client`
 processes holding non-IID shards of the digits data with emulated device
 speeds (some several times slower than others), fedbuff aggregation, live
-progress, and a results folder. Exits non-zero when the target accuracy was
+progress, and a results folder. Server and clients talk mutual TLS, with a CA
+and certificates made for the run in its folder (`certs/`), as a deployment would. Exits non-zero when the target accuracy was
 not reached within the time limit.
 """
 
@@ -15,12 +16,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from server.certs import Layout
 
 FAST_ROUND_S = 0.3
 SPEED_FACTORS = (1.0, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -43,8 +47,9 @@ def run_demo(options: dict[str, Any]) -> None:
     import torch
 
     from edge.tasks import DigitsCNN, accuracy, dirichlet_shards, initial_weights, load_digits_split
-    from server import JobConfig, ServerConfig, StrategyConfig
+    from server import JobConfig, ServerConfig, StrategyConfig, TLSConfig
     from server.app import running_server
+    from server.certs import Layout, write_layout
     from server.models import save_model
 
     started = time.monotonic()
@@ -65,7 +70,12 @@ def run_demo(options: dict[str, Any]) -> None:
 
         # a cohort plays the part of fedbuff's buffer: K clients, aggregated as one
         secure = SecAggConfig(cohort_size=options["buffer_size"], forming_timeout_s=5.0, phase_timeout_s=10.0, upload_timeout_s=30.0)
-    config = ServerConfig(address="127.0.0.1:0", jobs=(JobConfig(job_id="digits", strategy=strategy, secure_aggregation=secure),))
+    certs = Layout(run_dir / "certs")
+    write_layout(certs.root, client_ids=[_client_id(shard) for shard in range(options["clients"])])
+    tls = TLSConfig(cert_file=certs.server_cert, key_file=certs.server_key, client_ca_file=certs.ca_cert)
+    config = ServerConfig(
+        address="127.0.0.1:0", jobs=(JobConfig(job_id="digits", strategy=strategy, secure_aggregation=secure),), tls=tls
+    )
     eval_model = DigitsCNN()
 
     def evaluate(tensors: Any) -> float:
@@ -74,12 +84,12 @@ def run_demo(options: dict[str, Any]) -> None:
 
     with running_server(config, {"digits": initial_weights(seed)}, grace_s=1.0) as running:
         job = running.core.job("digits")
-        fleet = _start_fleet(running.address, options, run_dir)
+        fleet = _start_fleet(running.address, options, run_dir, certs)
         rule = {"fedbuff": f" (K={strategy.buffer_size})", "fedavg": f" ({strategy.clients_per_round} clients per round)"}
         if secure is not None:
             rule["fedbuff"] = f" under secure aggregation (cohorts of {secure.cohort_size})"
         console.print(
-            f"server on {running.address}: {strategy.name}{rule.get(strategy.name, '')}, "
+            f"server on {running.address} (mutual TLS): {strategy.name}{rule.get(strategy.name, '')}, "
             f"{len(fleet)} clients, round times {', '.join(f'{FAST_ROUND_S * f:.2f}s' for f, _ in fleet)}"
         )
         history = History(started)
@@ -101,6 +111,7 @@ def run_demo(options: dict[str, Any]) -> None:
     results = {
         "strategy": strategy.name,
         "secure_aggregation": secure is not None,
+        "transport": "mutual TLS",
         "cohorts_applied": stats.cohorts_applied,
         "cohorts_aborted": dict(stats.cohorts_aborted),
         "buffer_size": strategy.buffer_size,
@@ -151,7 +162,11 @@ def _validate(options: dict[str, Any]) -> None:
         raise click.BadParameter(f"must be in (0, 1], got {options['target_accuracy']}", param_hint="--target-accuracy")
 
 
-def _start_fleet(address: str, options: dict[str, Any], run_dir: Path) -> list[tuple[float, subprocess.Popen[bytes]]]:
+def _client_id(shard: int) -> str:
+    return f"client-{shard}"
+
+
+def _start_fleet(address: str, options: dict[str, Any], run_dir: Path, certs: Layout) -> list[tuple[float, subprocess.Popen[bytes]]]:
     fleet = []
     count = options["clients"]
     for shard in range(count):
@@ -163,7 +178,9 @@ def _start_fleet(address: str, options: dict[str, Any], run_dir: Path) -> list[t
             "--shard", str(shard), "--num-shards", str(count),
             "--dirichlet-alpha", str(options["dirichlet_alpha"]), "--seed", str(options["seed"]),
             "--duration", str(options["time_limit"]), "--round-seconds", str(FAST_ROUND_S * factor),
-            "--client-id", f"client-{shard}", "--device", "cpu",
+            "--client-id", _client_id(shard), "--device", "cpu",
+            "--ca", str(certs.ca_cert), "--cert", str(certs.client_cert(_client_id(shard))),
+            "--key", str(certs.client_key(_client_id(shard))),
         ]  # fmt: skip
         with log:
             fleet.append((factor, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
@@ -246,4 +263,4 @@ def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> 
         table.add_row("updates per client", " ".join(f"{k.removeprefix('client-')}:{v}" for k, v in per_client))
     table.add_row("wall time", f"{results['wall_seconds']:.1f}s")
     console.print(table)
-    console.print(f"results written to {run_dir}/ (results.json, final_model.safetensors, client logs)", soft_wrap=True)
+    console.print(f"results written to {run_dir}/ (results.json, final_model.safetensors, client logs, TLS certificates)", soft_wrap=True)

@@ -33,22 +33,30 @@ def _flag(option: str) -> str:
     return _FLAG_NAMES.get(option, "--" + option.replace("_", "-"))
 
 
+def _transport(options: dict[str, Any]) -> dict[str, Any]:
+    """The --tls-* and --insecure flags as ServerConfig.from_mapping keys ({} when none is given)."""
+    tls = {key: options.get(flag) for key, flag in (("cert", "tls_cert"), ("key", "tls_key"), ("client_ca", "tls_client_ca"))}
+    transport: dict[str, Any] = {}
+    if any(value is not None for value in tls.values()):
+        transport["tls"] = tls
+    if options.get("insecure"):
+        transport["insecure"] = True
+    return transport
+
+
 def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] | None]:
     """The server config and, with --task, the initial model it names."""
     config_path: Path | None = options["config_path"]
     given_job_flags = [f for f in _JOB_FLAGS if options.get(f) is not None]
+    transport = _transport(options)
     if config_path is not None:
         if given_job_flags:
             flags = ", ".join(_flag(f) for f in given_job_flags)
             raise click.UsageError(f"--config sets the jobs; drop {flags} or move them into {config_path}")
-        config = ServerConfig.from_toml(config_path)
         overrides = {k: options[k] for k in _SERVER_FLAGS if options.get(k) is not None}
-        retention = {k: overrides.pop(k) for k in _RETENTION_FLAGS if k in overrides}
-        if retention:
-            overrides["retention"] = dataclasses.replace(config.retention, **retention)
-        if overrides:
-            config = dataclasses.replace(config, **overrides)
-        return config, None
+        if transport:  # the flags replace the file's choice of TLS or plaintext as a whole
+            overrides |= {"tls": transport.get("tls"), "insecure": transport.get("insecure")}
+        return ServerConfig.from_toml(config_path, overrides), None
     if options["task"] and options["initial_model"]:
         raise click.UsageError("give --initial-model or --task, not both")
     if not options["task"] and not options["initial_model"]:
@@ -58,7 +66,7 @@ def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] 
         "initial_model": options["initial_model"],
         **{k: options[k] for k in _JOB_FLAGS[3:]},
     }
-    config = ServerConfig.from_mapping({**{k: options.get(k) for k in _SERVER_FLAGS}, "jobs": [job]})
+    config = ServerConfig.from_mapping({**{k: options.get(k) for k in _SERVER_FLAGS}, "jobs": [job], **transport})
     models = None
     if options["task"]:
         from edge.tasks import initial_weights
@@ -88,7 +96,8 @@ def run_server(options: dict[str, Any]) -> None:
                     f"job {job_id!r}: resumed from {config.state_dir} at version {resumed.snapshot().version} "
                     f"({resumed.pending_updates} buffered updates); its initial model was not used"
                 )
-            click.echo(f"tributary server listening on {running.address}", nl=True)
+            mode = "plaintext" if config.tls is None else ("mutual TLS" if config.tls.mutual else "TLS")
+            click.echo(f"tributary server listening on {running.address} ({mode})", nl=True)
             sys.stdout.flush()
             stop.wait()
             click.echo(f"shutting down (grace period {config.grace_period_s:g}s)")

@@ -51,6 +51,10 @@ def main() -> None:
 @click.option("--forming-timeout", "forming_timeout_s", type=float, default=None, help="Secure aggregation: seconds to wait for a full cohort.  [default: 10]")
 @click.option("--phase-timeout", "phase_timeout_s", type=float, default=None, help="Secure aggregation: seconds per key or unmasking phase.  [default: 30]")
 @click.option("--upload-timeout", "upload_timeout_s", type=float, default=None, help="Secure aggregation: seconds members may train before the cohort goes on without them.  [default: 300]")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Serve TLS with this PEM certificate (chain); needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Require client certificates signed by this PEM CA (mutual TLS).")
+@click.option("--insecure", is_flag=True, default=None, help="Serve plaintext instead of TLS (a trusted network only).")
 def server(**options: object) -> None:
     """Run the aggregation server until interrupted (Ctrl-C or SIGTERM)."""
     from tributary._server_cmd import run_server
@@ -74,11 +78,31 @@ def server(**options: object) -> None:
 @click.option("--round-seconds", type=float, default=0.0, help="Pad each local round to this long (emulates a slower device).")
 @click.option("--device", default=None, help="torch device (cuda, mps, cpu); default: the best available.")
 @click.option("--client-id", default=None, help="Client id the server sees; default: random.")
+@click.option("--ca", "ca_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM CA the server's certificate must be signed by; default: gRPC's public roots.")
+@click.option("--cert", "cert_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="This client's PEM certificate, for servers that require one (mutual TLS); needs --key.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM private key of --cert.")
+@click.option("--insecure", is_flag=True, default=False, help="Talk plaintext instead of TLS (a trusted network only).")
 def client(**options: object) -> None:
     """Join a job and train a built-in task (pull -> train -> push, repeatedly)."""
     from tributary._client_cmd import run_client
 
     run_client(options)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--server-name", "server_names", multiple=True, help="DNS name the server certificate is for (repeatable).  [default: localhost, with 127.0.0.1]")
+@click.option("--ip", "ip_addresses", multiple=True, help="IP address the server certificate is for (repeatable).  [default: 127.0.0.1, with localhost]")
+@click.option("--client", "client_ids", multiple=True, help="Make a client certificate with this id as its CN (repeatable).")
+@click.option("--days", type=int, default=365, help="Validity of the server and client certificates (the CA gets at least 10 years).")
+@click.option("--force", is_flag=True, default=False, help="Replace server and client files that exist (the CA is kept).")
+def certs(**options: object) -> None:
+    """Make a CA, a server certificate and client certificates in OUT_DIR for
+    TLS and mutual TLS; run it again with --client ID to sign more clients with
+    the same CA."""
+    from tributary._certs_cmd import run_certs
+
+    run_certs(options)
 
 
 @main.command()

@@ -38,11 +38,11 @@ def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
 
 
 def test_server_and_clients_as_processes(tmp_path: Path) -> None:
-    server, address = start_server("--task", "digits", "--strategy", "fedbuff", "--buffer-size", "2", "--max-staleness", "20")
+    server, address = start_server("--insecure", "--task", "digits", "--strategy", "fedbuff", "--buffer-size", "2", "--max-staleness", "20")
     try:
         clients = [
             subprocess.run(
-                [*TRIBUTARY, "client", "--server", address, "--shard", str(i), "--num-shards", "2", "--updates", "3", "--client-id", f"e2e-{i}"],
+                [*TRIBUTARY, "client", "--insecure", "--server", address, "--shard", str(i), "--num-shards", "2", "--updates", "3", "--client-id", f"e2e-{i}"],
                 capture_output=True, text=True, timeout=120,
             )  # fmt: skip
             for i in range(2)
@@ -65,12 +65,12 @@ def test_clients_started_before_the_server_connect_when_it_comes_up(tmp_path: Pa
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     client = subprocess.Popen(
-        [*TRIBUTARY, "client", "--server", f"127.0.0.1:{port}", "--updates", "2"],
+        [*TRIBUTARY, "client", "--insecure", "--server", f"127.0.0.1:{port}", "--updates", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     time.sleep(2)
     server = subprocess.Popen(
-        [*TRIBUTARY, "server", "--address", f"127.0.0.1:{port}", "--task", "digits", "--buffer-size", "1"],
+        [*TRIBUTARY, "server", "--insecure", "--address", f"127.0.0.1:{port}", "--task", "digits", "--buffer-size", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -96,7 +96,7 @@ def test_clients_started_before_the_server_connect_when_it_comes_up(tmp_path: Pa
     ],
 )
 def test_bad_server_flags_are_named(args: list[str], message: str) -> None:
-    result = subprocess.run([*TRIBUTARY, "server", "--address", "127.0.0.1:0", *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*TRIBUTARY, "server", "--insecure", "--address", "127.0.0.1:0", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
 
@@ -115,17 +115,17 @@ def test_config_file_runs_server(tmp_path: Path) -> None:
         check=True, timeout=60,
     )  # fmt: skip
     (tmp_path / "server.toml").write_text(
-        'address = "127.0.0.1:0"\n[[jobs]]\nid = "digits"\ninitial_model = "model.safetensors"\nstrategy = "fedasync"\nalpha = 0.5\nmax_staleness = 5\n'
+        'address = "127.0.0.1:0"\ninsecure = true\n[[jobs]]\nid = "digits"\ninitial_model = "model.safetensors"\nstrategy = "fedasync"\nalpha = 0.5\nmax_staleness = 5\n'
     )
     server, address = start_server("--config", str(tmp_path / "server.toml"))
     try:
         result = subprocess.run(
-            [*TRIBUTARY, "client", "--server", address, "--job", "digits", "--updates", "2"],
+            [*TRIBUTARY, "client", "--insecure", "--server", address, "--job", "digits", "--updates", "2"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
         missing = subprocess.run(
-            [*TRIBUTARY, "client", "--server", address, "--job", "nope", "--updates", "1"],
+            [*TRIBUTARY, "client", "--insecure", "--server", address, "--job", "nope", "--updates", "1"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert missing.returncode != 0
@@ -152,6 +152,8 @@ def test_demo_reaches_target(tmp_path: Path) -> None:
     assert results["final_accuracy"] >= 0.92
     assert results["reached_target"] is True
     assert results["final_version"] >= 1
+    assert results["transport"] == "mutual TLS"
+    assert (runs[0].parent / "certs" / "clients" / "client-0.pem").is_file()
     assert sum(results["staleness_histogram"].values()) == results["updates_accepted"]
     assert (runs[0].parent / "final_model.safetensors").is_file()
     assert "final test accuracy" in result.stdout and f"results written to {runs[0].parent}/" in result.stdout
@@ -221,17 +223,17 @@ def test_demo_reaches_target_under_secure_aggregation(tmp_path: Path) -> None:
     ],
 )
 def test_bad_secure_aggregation_flags_are_named(args: list[str], message: str) -> None:
-    result = subprocess.run([*TRIBUTARY, "server", "--address", "127.0.0.1:0", "--task", "digits", *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*TRIBUTARY, "server", "--insecure", "--address", "127.0.0.1:0", "--task", "digits", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
 
 
 def test_secure_server_and_clients_as_processes() -> None:
-    server, address = start_server("--task", "digits", "--secure-aggregation", "--cohort-size", "3", "--forming-timeout", "2", "--upload-timeout", "30")
+    server, address = start_server("--insecure", "--task", "digits", "--secure-aggregation", "--cohort-size", "3", "--forming-timeout", "2", "--upload-timeout", "30")
     try:
         clients = [
             subprocess.Popen(
-                [*TRIBUTARY, "client", "--server", address, "--shard", str(i), "--num-shards", "3", "--updates", "2", "--client-id", f"s{i}"],
+                [*TRIBUTARY, "client", "--insecure", "--server", address, "--shard", str(i), "--num-shards", "3", "--updates", "2", "--client-id", f"s{i}"],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
             for i in range(3)

@@ -72,7 +72,7 @@ class Supervisor:
         if crash_at:
             env["TRIBUTARY_CRASH_AT"] = crash_at
         self.process = subprocess.Popen(
-            [*TRIBUTARY, "server", "--address", f"127.0.0.1:{self.port}", *self.args],
+            [*TRIBUTARY, "server", "--address", f"127.0.0.1:{self.port}", "--insecure", *self.args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         return self.process
@@ -110,7 +110,7 @@ class Supervisor:
 
 def watch_versions(address: str, stop: threading.Event, seen: list[int]) -> None:
     """What a client polling the job sees, restarts included."""
-    with Client(address, retry=PATIENT, timeout_s=5) as client:
+    with Client(address, retry=PATIENT, timeout_s=5, insecure=True) as client:
         while not stop.is_set():
             seen.append(client.job_info().version)
             time.sleep(0.05)
@@ -138,7 +138,7 @@ def test_plaintext_sigkill_anywhere_loses_no_ack_and_counts_none_twice(tmp_path:
 
     def client_loop(index: int) -> None:
         try:
-            with Client(address, client_id=f"c{index}", retry=PATIENT, timeout_s=20) as client:
+            with Client(address, client_id=f"c{index}", retry=PATIENT, timeout_s=20, insecure=True) as client:
                 for n in range(10_000):
                     if stop.is_set():
                         return
@@ -194,7 +194,7 @@ def test_plaintext_sigkill_anywhere_loses_no_ack_and_counts_none_twice(tmp_path:
         header = UpdateHeader("default", client_id, key, base, samples, tuple(specs_of(delta)))
         reference.submit(Update(header, delta))
     supervisor.start()  # once more: the recovered model is what clients pull
-    with Client(address, retry=PATIENT) as client:
+    with Client(address, retry=PATIENT, insecure=True) as client:
         final = client.pull()
         info = client.job_info()
     supervisor.stop_gracefully()
@@ -227,7 +227,7 @@ def test_secure_cohorts_cut_by_sigkill_abort_and_members_retry(tmp_path: Path) -
 
     def member_loop(index: int) -> None:
         try:
-            with Client(address, client_id=f"m{index}", retry=PATIENT, timeout_s=10) as client:
+            with Client(address, client_id=f"m{index}", retry=PATIENT, timeout_s=10, insecure=True) as client:
                 n = 0
                 while not stop.is_set():
                     pulled = client.pull()

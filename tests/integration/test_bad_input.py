@@ -39,7 +39,7 @@ def assert_unchanged(before: tuple[int, int, dict[str, np.ndarray]], running: Ru
 
 def assert_still_serving(running: RunningServer) -> None:
     """A well-formed push after the bad one is accepted and applied."""
-    with Client(running.address) as client:
+    with Client(running.address, insecure=True) as client:
         pulled = client.pull()
         result = client.push(pulled.version, good_delta(), num_samples=1)
     assert result.version_after == pulled.version + 1
@@ -77,7 +77,7 @@ def running(serve) -> RunningServer:  # type: ignore[no-untyped-def]
 
 def check_refused(running: RunningServer, push, error_type: type[Exception], *fragments: str) -> None:  # type: ignore[no-untyped-def]
     before = state_of(running)
-    with Client(running.address) as client, pytest.raises(error_type) as caught:
+    with Client(running.address, insecure=True) as client, pytest.raises(error_type) as caught:
         push(client)
     for fragment in fragments:
         assert fragment in str(caught.value)
@@ -198,7 +198,7 @@ def test_header_with_inconsistent_size(running: RunningServer) -> None:
 
 def test_unknown_job_push(running: RunningServer) -> None:
     before = state_of(running)
-    with Client(running.address, job="no-such-job") as client, pytest.raises(JobNotFound) as caught:
+    with Client(running.address, insecure=True, job="no-such-job") as client, pytest.raises(JobNotFound) as caught:
         client.push(0, good_delta())
     assert "no job 'no-such-job'" in str(caught.value) and "default" in str(caught.value)
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
@@ -207,7 +207,7 @@ def test_unknown_job_push(running: RunningServer) -> None:
 
 
 def test_unknown_job_pull_and_info(running: RunningServer) -> None:
-    with Client(running.address, job="no-such-job") as client:
+    with Client(running.address, insecure=True, job="no-such-job") as client:
         with pytest.raises(JobNotFound):
             client.pull()
         with pytest.raises(JobNotFound):
@@ -220,7 +220,7 @@ def test_base_version_never_published(running: RunningServer) -> None:
 
 
 def test_update_past_max_staleness(running: RunningServer) -> None:
-    with Client(running.address) as client:
+    with Client(running.address, insecure=True) as client:
         for version in range(3):  # advance the model to version 3 with fresh updates
             client.push(version, good_delta())
     check_refused(running, lambda c: c.push(0, good_delta()), NotAcceptedNow, "3 versions stale", "max_staleness=2")
@@ -228,7 +228,7 @@ def test_update_past_max_staleness(running: RunningServer) -> None:
 
 
 def test_duplicate_push_counted_once(running: RunningServer) -> None:
-    with Client(running.address) as client:
+    with Client(running.address, insecure=True) as client:
         first = client.push(0, good_delta(), idempotency_key="update-1")
         before = state_of(running)
         again = client.push(0, good_delta(), idempotency_key="update-1")
@@ -244,14 +244,14 @@ def test_duplicate_push_counted_once(running: RunningServer) -> None:
 
 
 def test_idempotency_key_reused_by_other_client(running: RunningServer) -> None:
-    with Client(running.address, client_id="a") as client:
+    with Client(running.address, insecure=True, client_id="a") as client:
         client.push(0, good_delta(), idempotency_key="shared-key")
-    with Client(running.address, client_id="b") as other:
+    with Client(running.address, insecure=True, client_id="b") as other:
         check_refused(running, lambda c: other.push(1, good_delta(), idempotency_key="shared-key"), UpdateRejected, "already used")
 
 
 def test_overlong_client_id(running: RunningServer) -> None:
-    with Client(running.address, client_id="x" * 200) as client:
+    with Client(running.address, insecure=True, client_id="x" * 200) as client:
         check_refused(running, lambda c: client.push(0, good_delta()), UpdateRejected, "client_id is 200 characters")
 
 
@@ -270,7 +270,7 @@ def test_zero_samples(running: RunningServer) -> None:
 def test_finite_update_that_would_overflow_the_model(serve) -> None:  # type: ignore[no-untyped-def]
     near_max = {"w": np.full(4, 3e38, np.float32)}
     running = serve(JobConfig(strategy=StrategyConfig(name="fedasync", alpha=1.0)), models={"default": near_max})
-    with Client(running.address) as client:
+    with Client(running.address, insecure=True) as client:
         with pytest.raises(UpdateRejected, match="would overflow tensor 'w'"):
             client.push(0, {"w": np.full(4, 3e38, np.float32)})
         assert client.pull().version == 0

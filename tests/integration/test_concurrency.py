@@ -21,7 +21,7 @@ def test_concurrent_pushes_all_counted(serve) -> None:  # type: ignore[no-untype
 
     def pusher(index: int) -> None:
         try:
-            with Client(running.address, client_id=f"c{index}") as client:
+            with Client(running.address, insecure=True, client_id=f"c{index}") as client:
                 for _ in range(6):
                     client.push(client.pull().version, ONES)
         except BaseException as error:  # collected and asserted below
@@ -48,7 +48,7 @@ def test_pulls_never_see_a_half_applied_version(serve) -> None:  # type: ignore[
     torn: list[int] = []
 
     def puller() -> None:
-        with Client(running.address) as client:
+        with Client(running.address, insecure=True) as client:
             while not done.is_set():
                 model = client.pull()
                 seen.append(model.version)
@@ -59,7 +59,7 @@ def test_pulls_never_see_a_half_applied_version(serve) -> None:  # type: ignore[
     readers = [threading.Thread(target=puller) for _ in range(3)]
     for reader in readers:
         reader.start()
-    with Client(running.address) as client:
+    with Client(running.address, insecure=True) as client:
         for _ in range(40):
             client.push(client.pull().version, ONES)
     done.set()

@@ -27,7 +27,7 @@ def make_delta(seed: int) -> dict[str, np.ndarray]:
 
 def client_process(address: str, client_id: str, conn: multiprocessing.connection.Connection) -> None:
     """Obeys commands from the test: ("pull",), ("push", seed, num_samples), ("stop",)."""
-    with Client(address, client_id=client_id) as client:
+    with Client(address, insecure=True, client_id=client_id) as client:
         base = None
         while True:
             command = conn.recv()
@@ -171,7 +171,7 @@ def fit_process(address: str, client_id: str, updates: int, queue) -> None:  # t
     model = torch.nn.Linear(3, 4)
     model.weight.data.zero_()
     model.bias.data.zero_()
-    with Client(address, client_id=client_id) as client:
+    with Client(address, insecure=True, client_id=client_id) as client:
         summary = client.fit(model, train_tiny, updates=updates, device="cpu")
     queue.put((summary.updates_pushed, summary.updates_refused, summary.last_version))
 
@@ -202,7 +202,7 @@ def test_hundred_million_parameters_both_ways(serve) -> None:
     model = {"big": np.zeros(count, np.float32)}
     running = serve(JobConfig(strategy=StrategyConfig(name="fedasync", alpha=1.0), staleness=StalenessConfig("constant")), models={"default": model})
     del model
-    with Client(running.address) as client:
+    with Client(running.address, insecure=True) as client:
         pulled = client.pull()
         assert pulled.tensors["big"].shape == (count,)
         delta = {"big": np.arange(count, dtype=np.float32) % 7}

@@ -31,13 +31,13 @@ def delta() -> dict[str, np.ndarray]:
     ],
 )
 def test_misuse_is_a_value_error(running: RunningServer, call, message: str) -> None:  # type: ignore[no-untyped-def]
-    with Client(running.address) as client, pytest.raises(ValueError, match=message):
+    with Client(running.address, insecure=True) as client, pytest.raises(ValueError, match=message):
         call(client)
     assert running.core.job("default").stats.updates_accepted == 0
 
 
 def test_reused_key_with_other_sample_count_is_refused(running: RunningServer) -> None:
-    with Client(running.address) as client:
+    with Client(running.address, insecure=True) as client:
         client.push(0, delta(), num_samples=3, idempotency_key="k")
         with pytest.raises(UpdateRejected, match="already used for another update"):
             client.push(0, delta(), num_samples=4, idempotency_key="k")
@@ -45,7 +45,7 @@ def test_reused_key_with_other_sample_count_is_refused(running: RunningServer) -
 
 
 def test_job_info_reports_limits(running: RunningServer) -> None:
-    with Client(running.address) as client:
+    with Client(running.address, insecure=True) as client:
         info = client.job_info()
     assert info.max_update_bytes == 2 << 30
     assert info.strategy == "fedasync" and not info.synchronous

@@ -38,7 +38,7 @@ def run_members(running: RunningServer, count: int, behaviour: Callable[[int, Se
     results: dict[int, object] = {}
 
     def member(index: int) -> None:
-        with Client(running.address, client_id=f"m{index}") as client:
+        with Client(running.address, insecure=True, client_id=f"m{index}") as client:
             cohort = SecureRound(client)
             try:
                 cohort.start()
@@ -71,7 +71,7 @@ def flat_model(running: RunningServer) -> np.ndarray:
 
 def test_server_only_ever_holds_masked_vectors_and_gets_the_sum_right() -> None:
     recorded: list[tuple[str, np.ndarray]] = []
-    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(),))
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, jobs=(secure_job(),))
     with running_server(config, {"default": MODEL}, grace_s=0.5, secagg_observer=lambda label, v: recorded.append((label, v.copy()))) as running:
         results = run_members(running, 5, upload())
         assert all(not isinstance(r, Exception) for r in results.values()), results
@@ -98,7 +98,7 @@ def test_server_only_ever_holds_masked_vectors_and_gets_the_sum_right() -> None:
 
 
 def test_members_dropping_before_upload_leave_the_survivors_sum() -> None:
-    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(min_survivors=3),))
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, jobs=(secure_job(min_survivors=3),))
     with running_server(config, {"default": MODEL}, grace_s=0.5) as running:
 
         def behaviour(index: int, cohort: SecureRound) -> object:
@@ -115,7 +115,7 @@ def test_members_dropping_before_upload_leave_the_survivors_sum() -> None:
 
 
 def test_too_few_survivors_abort_apply_nothing_and_members_rejoin() -> None:
-    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(min_survivors=4),))
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, jobs=(secure_job(min_survivors=4),))
     with running_server(config, {"default": MODEL}, grace_s=0.5) as running:
 
         def behaviour(index: int, cohort: SecureRound) -> object:
@@ -139,15 +139,15 @@ def test_too_few_survivors_abort_apply_nothing_and_members_rejoin() -> None:
 
 
 def test_plain_push_to_a_secure_job_is_refused() -> None:
-    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(),))
-    with running_server(config, {"default": MODEL}, grace_s=0.5) as running, Client(running.address) as client:
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, jobs=(secure_job(),))
+    with running_server(config, {"default": MODEL}, grace_s=0.5) as running, Client(running.address, insecure=True) as client:
         with pytest.raises(NotAcceptedNow, match="runs secure aggregation"):
             client.push(0, {k: np.zeros_like(v) for k, v in MODEL.items()})
         assert client.job_info().secure_aggregation
 
 
 def test_cohort_rpcs_with_a_wrong_token_or_length_are_refused() -> None:
-    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(cohort_size=3, forming_timeout_s=30.0),))
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, jobs=(secure_job(cohort_size=3, forming_timeout_s=30.0),))
     with running_server(config, {"default": MODEL}, grace_s=0.5) as running:
         plans: dict[int, pb.CohortPlanMessage] = {}
 
@@ -187,7 +187,7 @@ def test_high_level_fit_trains_under_secure_aggregation() -> None:
     """The same client.fit call as in plaintext; three clients, cohorts of 3."""
     import torch
 
-    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(cohort_size=3, clip_bound=64.0),))
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, jobs=(secure_job(cohort_size=3, clip_bound=64.0),))
     zeros = {"weight": np.zeros((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
 
     def train(model: torch.nn.Module, device: torch.device) -> int:
@@ -201,7 +201,7 @@ def test_high_level_fit_trains_under_secure_aggregation() -> None:
 
         def client_loop(i: int) -> None:
             model = torch.nn.Linear(3, 4)
-            with Client(running.address, client_id=f"f{i}") as client:
+            with Client(running.address, insecure=True, client_id=f"f{i}") as client:
                 summaries[i] = client.fit(model, train, updates=2, device="cpu")
 
         threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(3)]
@@ -218,7 +218,7 @@ def test_high_level_fit_trains_under_secure_aggregation() -> None:
 def test_member_vanishing_during_key_setup_is_left_out() -> None:
     """A client joins, is placed in the cohort, and never advertises keys: the
     key phase closes at its deadline without it and the others complete."""
-    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(cohort_size=4, min_survivors=3, phase_timeout_s=2.0),))
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, jobs=(secure_job(cohort_size=4, min_survivors=3, phase_timeout_s=2.0),))
     with running_server(config, {"default": MODEL}, grace_s=0.5) as running:
         silent: dict[str, pb.CohortPlanMessage] = {}
 
@@ -245,7 +245,7 @@ def _status_of(call: Callable[[], object]) -> grpc.RpcError:
 
 def test_bad_cohort_requests_get_clear_statuses_and_change_nothing() -> None:
     plain = JobConfig(job_id="plain", strategy=StrategyConfig(name="fedbuff"))
-    config = ServerConfig(address="127.0.0.1:0", jobs=(secure_job(cohort_size=3, forming_timeout_s=30.0), plain))
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, jobs=(secure_job(cohort_size=3, forming_timeout_s=30.0), plain))
     with running_server(config, {"default": MODEL, "plain": MODEL}, grace_s=0.5) as running:
         with grpc.insecure_channel(running.address) as channel:
             stub = pb_grpc.TributaryStub(channel)

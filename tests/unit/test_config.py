@@ -31,7 +31,7 @@ EVERY_JOB_KEY: dict[str, Any] = {
 
 
 def test_from_mapping_with_every_key() -> None:
-    config = ServerConfig.from_mapping({"address": "0.0.0.0:6000", "max_workers": 8, "jobs": [EVERY_JOB_KEY]})
+    config = ServerConfig.from_mapping({"insecure": True, "address": "0.0.0.0:6000", "max_workers": 8, "jobs": [EVERY_JOB_KEY]})
     assert config.address == "0.0.0.0:6000"
     assert config.max_workers == 8
     assert len(config.jobs) == 1
@@ -56,7 +56,7 @@ def test_from_mapping_with_every_key() -> None:
 
 
 def test_from_mapping_defaults() -> None:
-    config = ServerConfig.from_mapping({})
+    config = ServerConfig.from_mapping({"insecure": True})
     assert config.address == "127.0.0.1:50051"
     assert config.max_workers == 256
     assert config.jobs == (JobConfig(),)
@@ -71,13 +71,13 @@ def test_from_mapping_defaults() -> None:
 def test_none_values_mean_not_given() -> None:
     # CLI flags that were not passed arrive as None and leave the defaults alone.
     config = ServerConfig.from_mapping(
-        {"address": None, "max_workers": None, "jobs": [{"id": None, "strategy": None, "buffer_size": None, "staleness_a": None, "max_staleness": None}]}
+        {"insecure": True, "address": None, "max_workers": None, "jobs": [{"id": None, "strategy": None, "buffer_size": None, "staleness_a": None, "max_staleness": None}]}
     )
-    assert config == ServerConfig.from_mapping({})
+    assert config == ServerConfig.from_mapping({"insecure": True})
 
 
 def test_several_jobs() -> None:
-    config = ServerConfig.from_mapping({"jobs": [{"id": "a", "strategy": "fedasync"}, {"id": "b", "strategy": "fedavg", "clients_per_round": 2}]})
+    config = ServerConfig.from_mapping({"insecure": True, "jobs": [{"id": "a", "strategy": "fedasync"}, {"id": "b", "strategy": "fedavg", "clients_per_round": 2}]})
     assert [j.job_id for j in config.jobs] == ["a", "b"]
     assert config.jobs[0].strategy.name == "fedasync"
     assert config.jobs[1].strategy.synchronous is True
@@ -86,17 +86,17 @@ def test_several_jobs() -> None:
 
 def test_unknown_job_key_is_rejected_by_name() -> None:
     with pytest.raises(ConfigError, match="unknown job setting 'bufer_size'"):
-        ServerConfig.from_mapping({"jobs": [{"id": "a", "bufer_size": 3}]})
+        ServerConfig.from_mapping({"insecure": True, "jobs": [{"id": "a", "bufer_size": 3}]})
 
 
 def test_unknown_server_keys_are_rejected_by_name() -> None:
     with pytest.raises(ConfigError, match="unknown server setting.*max_worker, port"):
-        ServerConfig.from_mapping({"port": 1, "max_worker": 3})
+        ServerConfig.from_mapping({"insecure": True, "port": 1, "max_worker": 3})
 
 
 def test_job_key_at_server_level_is_rejected() -> None:
     with pytest.raises(ConfigError, match="buffer_size"):
-        ServerConfig.from_mapping({"buffer_size": 3})
+        ServerConfig.from_mapping({"insecure": True, "buffer_size": 3})
 
 
 INVALID_JOB_VALUES = [
@@ -140,7 +140,7 @@ INVALID_JOB_VALUES = [
 @pytest.mark.parametrize(("values", "message"), INVALID_JOB_VALUES, ids=[repr(v) for v, _ in INVALID_JOB_VALUES])
 def test_invalid_job_values_are_rejected_with_a_message_naming_them(values: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ServerConfig.from_mapping({"jobs": [values]})
+        ServerConfig.from_mapping({"insecure": True, "jobs": [values]})
 
 
 def test_weight_by_samples_is_fine_with_weight_sum_and_for_other_strategies() -> None:
@@ -177,7 +177,7 @@ def test_wrongly_typed_job_values_raise_config_error_naming_the_key(values: dict
       buffer_size / max_update_bytes / idempotency_window, the check does not
       exclude bool."""
     with pytest.raises(ConfigError, match=message):
-        ServerConfig.from_mapping({"jobs": [values]})
+        ServerConfig.from_mapping({"insecure": True, "jobs": [values]})
 
 
 # -- server-level values ------------------------------------------------------
@@ -189,12 +189,12 @@ def test_wrongly_typed_job_values_raise_config_error_naming_the_key(values: dict
 )
 def test_bad_addresses_are_rejected(address: str) -> None:
     with pytest.raises(ConfigError, match="address must be host:port"):
-        ServerConfig.from_mapping({"address": address})
+        ServerConfig.from_mapping({"insecure": True, "address": address})
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:0", "0.0.0.0:65535", "[::]:50051", "my-host.example:443"])
 def test_good_addresses_are_accepted(address: str) -> None:
-    assert ServerConfig.from_mapping({"address": address}).address == address
+    assert ServerConfig.from_mapping({"insecure": True, "address": address}).address == address
 
 
 def test_non_string_address_is_a_config_error() -> None:
@@ -202,37 +202,37 @@ def test_non_string_address_is_a_config_error() -> None:
     reaches `self.address.rpartition(":")` and raises AttributeError instead of
     ConfigError."""
     with pytest.raises(ConfigError, match="address"):
-        ServerConfig.from_mapping({"address": 50051})
+        ServerConfig.from_mapping({"insecure": True, "address": 50051})
 
 
 @pytest.mark.parametrize("workers", [1, 0, -4, 2.5])
 def test_bad_max_workers_are_rejected(workers: Any) -> None:
     with pytest.raises(ConfigError, match="max_workers must be an integer >= 2"):
-        ServerConfig.from_mapping({"max_workers": workers})
+        ServerConfig.from_mapping({"insecure": True, "max_workers": workers})
 
 
 def test_duplicate_job_ids_are_rejected_by_name() -> None:
     with pytest.raises(ConfigError, match="job ids must be unique; repeated: a, b"):
-        ServerConfig.from_mapping({"jobs": [{"id": "b"}, {"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "a"}]})
+        ServerConfig.from_mapping({"insecure": True, "jobs": [{"id": "b"}, {"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "a"}]})
 
 
 def test_two_unnamed_jobs_collide_on_the_default_id() -> None:
     with pytest.raises(ConfigError, match="repeated: default"):
-        ServerConfig.from_mapping({"jobs": [{}, {}]})
+        ServerConfig.from_mapping({"insecure": True, "jobs": [{}, {}]})
 
 
 def test_empty_job_list_is_rejected() -> None:
     with pytest.raises(ConfigError, match="at least one job"):
-        ServerConfig.from_mapping({"jobs": []})
+        ServerConfig.from_mapping({"insecure": True, "jobs": []})
 
 
 def test_jobs_must_be_a_list() -> None:
     with pytest.raises(ConfigError, match="jobs must be a list"):
-        ServerConfig.from_mapping({"jobs": {"id": "a"}})
+        ServerConfig.from_mapping({"insecure": True, "jobs": {"id": "a"}})
 
 
 def test_configs_are_frozen() -> None:
-    config = ServerConfig.from_mapping({})
+    config = ServerConfig.from_mapping({"insecure": True})
     with pytest.raises(AttributeError):
         config.address = "x:1"  # type: ignore[misc]
     with pytest.raises(AttributeError):
@@ -243,6 +243,7 @@ def test_configs_are_frozen() -> None:
 
 TOML = """
 address = "127.0.0.1:7000"
+insecure = true
 max_workers = 16
 
 [[jobs]]
@@ -334,7 +335,7 @@ def test_from_toml_applies_the_same_checks_as_from_mapping(tmp_path: Path) -> No
 
 def test_from_toml_without_jobs_gives_the_default_job(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('address = "127.0.0.1:9"\n')
+    path.write_text('address = "127.0.0.1:9"\ninsecure = true\n')
     config = ServerConfig.from_toml(path)
     assert config.jobs == (JobConfig(),)
 
@@ -344,8 +345,8 @@ def test_fedavg_round_must_fit_the_thread_pool() -> None:
 
     job = JobConfig(strategy=StrategyConfig(name="fedavg", clients_per_round=8))
     with pytest.raises(ConfigError, match="clients_per_round=8 needs more than max_workers=8"):
-        ServerConfig(max_workers=8, jobs=(job,))
-    assert ServerConfig(max_workers=9, jobs=(job,)).max_workers == 9
+        ServerConfig(insecure=True, max_workers=8, jobs=(job,))
+    assert ServerConfig(insecure=True, max_workers=9, jobs=(job,)).max_workers == 9
 
 
 def test_missing_initial_model_is_named() -> None:
@@ -353,7 +354,7 @@ def test_missing_initial_model_is_named() -> None:
 
     from server import AggregationCore, JobConfig, ServerConfig
 
-    config = ServerConfig(jobs=(JobConfig(job_id="a"), JobConfig(job_id="b")))
+    config = ServerConfig(insecure=True, jobs=(JobConfig(job_id="a"), JobConfig(job_id="b")))
     with pytest.raises(ValueError, match="no initial model for job\\(s\\) b"):
         AggregationCore.from_config(config, {"a": {"w": np.zeros(2, np.float32)}})
 
@@ -363,7 +364,7 @@ def test_secure_aggregation_from_toml(tmp_path) -> None:  # type: ignore[no-unty
 
     path = tmp_path / "server.toml"
     path.write_text(
-        'address = "127.0.0.1:0"\n[[jobs]]\nid = "private"\nstrategy = "fedbuff"\nsecure_aggregation = true\n'
+        'address = "127.0.0.1:0"\ninsecure = true\n[[jobs]]\nid = "private"\nstrategy = "fedbuff"\nsecure_aggregation = true\n'
         "cohort_size = 10\nneighbours = 6\nring_bits = 32\nclip_bound = 256.0\nupload_timeout_s = 60.0\n"
     )
     job = ServerConfig.from_toml(path).jobs[0]
