@@ -8,6 +8,8 @@ TOML layout (job keys are flat, like the CLI flags):
 
     address = "127.0.0.1:50051"
     max_workers = 64
+    state_dir = "state"         # relative to the file
+    auth = true                 # enrolled clients only (needs state_dir)
 
     [[jobs]]
     id = "default"
@@ -274,8 +276,26 @@ class ServerConfig:
     max_workers: int = 256
     """Threads serving RPCs; each open stream (push, pull, long-poll) holds one."""
     jobs: tuple[JobConfig, ...] = (JobConfig(),)
+    state_dir: Path | None = None
+    """Where the server keeps its state (`tributary.db`, the generated admin token)."""
+    auth: bool = False
+    """Serve only enrolled clients, each with a bearer token, in the jobs it is
+    enrolled in; adds the Admin service. Needs state_dir (the registry lives there)."""
+    admin_token_file: Path | None = None
+    """File holding the admin token; None: `<state_dir>/admin.token`, generated at first start."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.auth, bool):
+            raise ConfigError(f"auth must be true or false, got {self.auth!r}")
+        for name in ("state_dir", "admin_token_file"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), Path):
+                raise ConfigError(f"{name} must be a path, got {getattr(self, name)!r}")
+        if self.auth and self.state_dir is None:
+            raise ConfigError(
+                "auth (--auth) needs state_dir (--state-dir): the enrolled clients are kept in <state_dir>/tributary.db"
+            )
+        if self.admin_token_file is not None and not self.auth:
+            raise ConfigError("admin_token_file (--admin-token-file) only applies with auth (--auth)")
         if not isinstance(self.address, str):
             raise ConfigError(f"address must be a \"host:port\" string, got {self.address!r}")
         host, sep, port = self.address.rpartition(":")
@@ -307,9 +327,12 @@ class ServerConfig:
     def from_mapping(cls, values: Mapping[str, Any]) -> ServerConfig:
         values = dict(values)
         jobs = values.pop("jobs", None)
-        unknown = set(values) - {"address", "max_workers"}
+        unknown = set(values) - {"address", "max_workers", "state_dir", "auth", "admin_token_file"}
         if unknown:
             raise ConfigError(f"unknown server setting(s): {', '.join(sorted(unknown))}")
+        for key in ("state_dir", "admin_token_file"):
+            if isinstance(values.get(key), str):
+                values[key] = Path(values[key])
         if jobs is None:
             jobs = [{}]
         if not isinstance(jobs, list):
@@ -331,4 +354,7 @@ class ServerConfig:
         for job in values.get("jobs", []) if isinstance(values.get("jobs"), list) else []:
             if isinstance(job, dict) and "initial_model" in job:
                 job["initial_model"] = base / job["initial_model"]
+        for key in ("state_dir", "admin_token_file"):
+            if isinstance(values.get(key), str):
+                values[key] = base / values[key]
         return cls.from_mapping(values)
