@@ -1,6 +1,7 @@
 """The low-level API: pull and push named tensors, with retries.
 
-Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter. A push picks its idempotency key
+Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter
+(never on UNAUTHENTICATED or PERMISSION_DENIED, which a retry would not change). A push picks its idempotency key
 once and reuses it on every retry, so a retried push whose ack was lost is
 counted once by the server (which answers with the first ack, `duplicate=True`).
 """
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from client_sdk._auth import BearerToken
 from client_sdk._errors import TRANSIENT_CODES, ProtocolError, ServerUnavailable, TributaryError, status_code, translate
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
@@ -95,6 +97,10 @@ class Client:
     >>> with Client("127.0.0.1:50051", job="default") as client:
     ...     model = client.pull()
     ...     client.push(model.version, delta, num_samples=128)
+
+    Against a server run with --auth, pass the client's `token` (from
+    `tributary admin enrol`) and the `client_id` it was enrolled as; every
+    call then carries it as `authorization: Bearer <token>` metadata.
     """
 
     def __init__(
@@ -106,13 +112,18 @@ class Client:
         retry: RetryPolicy = RetryPolicy(),
         timeout_s: float = 300.0,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
     ) -> None:
+        if token is not None and client_id is None:
+            raise ValueError("a token belongs to one enrolled client: pass client_id= the id it was enrolled as")
+        bearer = BearerToken(token) if token is not None else None  # checks the token before anything opens
         self.address = address
         self.job = job
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self.retry = retry
         self.timeout_s = timeout_s
-        self._channel = channel or grpc.insecure_channel(address)
+        channel = channel or grpc.insecure_channel(address)
+        self._channel = grpc.intercept_channel(channel, bearer) if bearer is not None else channel
         self._stub = pb_grpc.TributaryStub(self._channel)
 
     def __enter__(self) -> Client:

@@ -26,6 +26,14 @@ def run_client(options: dict[str, Any]) -> None:
             raise click.BadParameter(f"must be >= 1, got {options[name]}", param_hint="--" + name.replace("_", "-"))
     if options["lr"] <= 0:
         raise click.BadParameter(f"must be > 0, got {options['lr']}", param_hint="--lr")
+    token = None
+    if options["token_file"] is not None:
+        if options["client_id"] is None:
+            raise click.UsageError("--token-file needs --client-id: the id the token was enrolled for")
+        try:
+            token = options["token_file"].read_text().strip()
+        except OSError as error:
+            raise click.BadParameter(f"cannot read {options['token_file']}: {error.strerror}", param_hint="--token-file") from error
 
     import torch
 
@@ -55,7 +63,11 @@ def run_client(options: dict[str, Any]) -> None:
     )
     model = build_model(options["seed"])
     try:
-        with Client(options["address"], job=options["job"], client_id=options["client_id"]) as client:
+        client = Client(options["address"], job=options["job"], client_id=options["client_id"], token=token)
+    except ValueError as error:
+        raise click.BadParameter(f"{options['token_file']}: {error}", param_hint="--token-file") from error
+    try:
+        with client:
             summary = client.fit(model, train, updates=options["updates"], duration_s=options["duration"], device=str(device))
     except KeyboardInterrupt:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -19,6 +20,9 @@ _JOB_FLAGS = (
     "secure_aggregation", "cohort_size", "min_survivors", "neighbours", "ring_bits", "clip_bound",
     "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
 )
+
+_SERVER_FLAGS = ("address", "max_workers", "state_dir", "auth", "admin_token_file")
+"""Server-wide flags: they also apply with --config, overriding the file."""
 
 
 _FLAG_NAMES = {"job_id": "--job", "forming_timeout_s": "--forming-timeout", "phase_timeout_s": "--phase-timeout", "upload_timeout_s": "--upload-timeout"}
@@ -38,9 +42,9 @@ def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] 
             flags = ", ".join(_flag(f) for f in given_job_flags)
             raise click.UsageError(f"--config sets the jobs; drop {flags} or move them into {config_path}")
         config = ServerConfig.from_toml(config_path)
-        overrides = {k: options[k] for k in ("address", "max_workers") if options[k] is not None}
+        overrides = {k: options[k] for k in _SERVER_FLAGS if options.get(k) is not None}
         if overrides:
-            config = ServerConfig(**{"address": config.address, "max_workers": config.max_workers, **overrides}, jobs=config.jobs)
+            config = dataclasses.replace(config, **overrides)
         return config, None
     if options["task"] and options["initial_model"]:
         raise click.UsageError("give --initial-model or --task, not both")
@@ -51,7 +55,7 @@ def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] 
         "initial_model": options["initial_model"],
         **{k: options[k] for k in _JOB_FLAGS[3:]},
     }
-    config = ServerConfig.from_mapping({"address": options["address"], "max_workers": options["max_workers"], "jobs": [job]})
+    config = ServerConfig.from_mapping({**{k: options.get(k) for k in _SERVER_FLAGS}, "jobs": [job]})
     models = None
     if options["task"]:
         from edge.tasks import initial_weights
@@ -75,6 +79,10 @@ def run_server(options: dict[str, Any]) -> None:
                     f"max_staleness {job.max_staleness if job.max_staleness is not None else 'none'}"
                     + (f", secure aggregation in cohorts of {secure.cohort_size}" if secure else "")
                 )
+            if running.registry is not None:
+                enrolled = sum(1 for c in running.registry.clients() if c.active)
+                how = "generated now, keep it secret" if running.admin_token_generated else "keep it secret"
+                click.echo(f"auth on: {enrolled} enrolled client(s); admin token in {running.admin_token_file} ({how})")
             click.echo(f"tributary server listening on {running.address}", nl=True)
             sys.stdout.flush()
             stop.wait()
