@@ -13,9 +13,13 @@ Low level (numpy or torch tensors, for apps with their own loop)::
     model = client.pull()                       # PulledModel(version, tensors)
     client.push(model.version, delta, num_samples=n)
 
+Operators administer a server run with --auth through `AdminClient`
+(enrol and revoke clients, status).
+
 Everything not listed in `__all__` is private and may change.
 """
 
+from client_sdk._admin import AdminClient, EnrolledClient, Enrolment, JobStatus
 from client_sdk._client import Client, JobDescription, PulledModel, PushResult, RetryPolicy
 from client_sdk._errors import (
     CohortAborted,
@@ -23,6 +27,8 @@ from client_sdk._errors import (
     LimitExceeded,
     ModelMismatch,
     NotAcceptedNow,
+    NotAuthenticated,
+    PermissionDenied,
     ProtocolError,
     ServerUnavailable,
     TLSError,
@@ -33,15 +39,21 @@ from client_sdk._tls import ClientTLS
 from client_sdk._training import FitSummary, TrainFn, fit, load_into, model_arrays, pick_device
 
 __all__ = [
+    "AdminClient",
     "Client",
     "ClientTLS",
     "CohortAborted",
+    "EnrolledClient",
+    "Enrolment",
     "FitSummary",
     "JobDescription",
     "JobNotFound",
+    "JobStatus",
     "LimitExceeded",
     "ModelMismatch",
     "NotAcceptedNow",
+    "NotAuthenticated",
+    "PermissionDenied",
     "ProtocolError",
     "PulledModel",
     "PushResult",

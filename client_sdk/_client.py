@@ -5,7 +5,8 @@ is logged as a warning): with no settings, the server's certificate is checked
 against gRPC's default roots; `tls=ClientTLS(...)` names a private CA, a
 client certificate for mutual TLS, and the name to expect.
 
-Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter. A push picks its idempotency key
+Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter
+(never on UNAUTHENTICATED or PERMISSION_DENIED, which a retry would not change). A push picks its idempotency key
 once and reuses it on every retry, so a retried push whose ack was lost is
 counted once by the server (which answers with the first ack, `duplicate=True`).
 """
@@ -33,6 +34,7 @@ from client_sdk._errors import (
     translate,
 )
 from client_sdk._tls import ClientTLS, open_channel
+from client_sdk._auth import BearerToken
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import (
@@ -116,6 +118,9 @@ class Client:
     against gRPC's default roots. `insecure=True`: plaintext, for a network
     you trust (logged as a warning); not together with `tls`. `channel`: a
     channel of your own (e.g. with interceptors), used as it is.
+    Against a server run with --auth, pass the client's `token` (from
+    `tributary admin enrol`) and the `client_id` it was enrolled as; every
+    call then carries it as `authorization: Bearer <token>` metadata.
     """
 
     def __init__(
@@ -129,7 +134,11 @@ class Client:
         retry: RetryPolicy = RetryPolicy(),
         timeout_s: float = 300.0,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
     ) -> None:
+        if token is not None and client_id is None:
+            raise ValueError("a token belongs to one enrolled client: pass client_id= the id it was enrolled as")
+        bearer = BearerToken(token) if token is not None else None  # checks the token before anything opens
         self.address = address
         self.job = job
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
@@ -139,10 +148,10 @@ class Client:
             if tls is not None or insecure:
                 raise ValueError("a channel of your own carries its own credentials: give channel, or tls/insecure, not both")
             self._transport = "custom"
-            self._channel = channel
         else:
-            self._channel = open_channel(address, tls, insecure)
+            channel = open_channel(address, tls, insecure)
             self._transport = "plaintext" if insecure else ("mtls" if tls is not None and tls.mutual else "tls")
+        self._channel = grpc.intercept_channel(channel, bearer) if bearer is not None else channel
         self._stub = pb_grpc.TributaryStub(self._channel)
 
     def __enter__(self) -> Client:

@@ -15,7 +15,14 @@
                                    not a Tributary server)
     +-- ModelMismatch              the local model does not fit the job's tensors
     +-- CohortAborted              a secure-aggregation cohort could not complete;
-                                   nothing of it was applied: join another one
+    |                              nothing of it was applied: join another one
+    +-- NotAuthenticated           no token, or one the server does not accept
+    |                              (unknown, replaced, revoked): get a new one
+    +-- PermissionDenied           a valid token that may not do this (a job the
+                                   client is not enrolled in, another client id,
+                                   a client token on an admin call)
+
+Neither auth error is retried: the same call would be refused again.
 """
 
 from __future__ import annotations
@@ -65,6 +72,14 @@ class CohortAborted(TributaryError):
     pass
 
 
+class NotAuthenticated(TributaryError):
+    pass
+
+
+class PermissionDenied(TributaryError):
+    pass
+
+
 _BY_CODE: dict[grpc.StatusCode, type[TributaryError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: UpdateRejected,
     grpc.StatusCode.FAILED_PRECONDITION: NotAcceptedNow,
@@ -73,6 +88,8 @@ _BY_CODE: dict[grpc.StatusCode, type[TributaryError]] = {
     grpc.StatusCode.UNAVAILABLE: ServerUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailable,
     grpc.StatusCode.ABORTED: CohortAborted,
+    grpc.StatusCode.UNAUTHENTICATED: NotAuthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -86,10 +103,15 @@ def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
     return code() if callable(code) else None
 
 
-def translate(error: grpc.RpcError, doing: str) -> TributaryError:
+def translate(
+    error: grpc.RpcError, doing: str, kinds: dict[grpc.StatusCode, type[TributaryError]] | None = None
+) -> TributaryError:
+    """The SDK error for a failed call; `kinds` overrides the class for some
+    codes (an admin call's NOT_FOUND is about a client, not a job)."""
     code = status_code(error)
     details = _details(error)
-    kind = _BY_CODE.get(code, TributaryError) if code is not None else TributaryError
+    table = {**_BY_CODE, **(kinds or {})}
+    kind = table.get(code, TributaryError) if code is not None else TributaryError
     translated = kind(f"{doing}: {details}" + (f" ({code.name})" if code is not None else ""))
     translated.code = code
     return translated

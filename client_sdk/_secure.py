@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from client_sdk._client import Client
-from client_sdk._errors import CohortAborted, ServerUnavailable, TributaryError, translate
+from client_sdk._errors import CohortAborted, NotAuthenticated, PermissionDenied, ServerUnavailable, TributaryError, translate
 from client_sdk._secagg import CohortMember
 from proto import staleness
 from proto import tributary_pb2 as pb
@@ -87,7 +87,8 @@ class SecureRound:
         if self._setup is None:
             raise RuntimeError("call start() before submit()")
         self._setup.join()
-        if isinstance(self._setup_error, CohortAborted):
+        if isinstance(self._setup_error, (CohortAborted, NotAuthenticated, PermissionDenied)):
+            # an auth refusal is not this cohort's failure: another cohort would be refused too
             raise self._setup_error
         if isinstance(self._setup_error, (TributaryError, ProtocolViolation, VerificationFailed, ValueError)):
             # whatever went wrong in key setup, this cohort is lost to us: join another

@@ -309,3 +309,87 @@ class CohortOutcome(_message.Message):
     version: int
     survivors: int
     def __init__(self, version: _Optional[int] = ..., survivors: _Optional[int] = ...) -> None: ...
+
+class ServerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("job_id", "strategy", "version", "updates_accepted", "pending_updates", "enrolled_clients")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    strategy: StrategyKind
+    version: int
+    updates_accepted: int
+    pending_updates: int
+    enrolled_clients: int
+    def __init__(self, job_id: _Optional[str] = ..., strategy: _Optional[_Union[StrategyKind, str]] = ..., version: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., pending_updates: _Optional[int] = ..., enrolled_clients: _Optional[int] = ...) -> None: ...
+
+class ServerStatus(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
+
+class EnrolClientRequest(_message.Message):
+    __slots__ = ("client_id", "job_ids", "rotate")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROTATE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    rotate: bool
+    def __init__(self, client_id: _Optional[str] = ..., job_ids: _Optional[_Iterable[str]] = ..., rotate: _Optional[bool] = ...) -> None: ...
+
+class EnrolledClientToken(_message.Message):
+    __slots__ = ("client_id", "token", "job_ids")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    token: str
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevokeClientRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class RevokeClientResponse(_message.Message):
+    __slots__ = ("client_id", "was_active")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WAS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    was_active: bool
+    def __init__(self, client_id: _Optional[str] = ..., was_active: _Optional[bool] = ...) -> None: ...
+
+class ListClientsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EnrolledClientInfo(_message.Message):
+    __slots__ = ("client_id", "job_ids", "created_unix_ms", "revoked", "revoked_unix_ms")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    created_unix_ms: int
+    revoked: bool
+    revoked_unix_ms: int
+    def __init__(self, client_id: _Optional[str] = ..., job_ids: _Optional[_Iterable[str]] = ..., created_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., revoked_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ClientList(_message.Message):
+    __slots__ = ("clients",)
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    clients: _containers.RepeatedCompositeFieldContainer[EnrolledClientInfo]
+    def __init__(self, clients: _Optional[_Iterable[_Union[EnrolledClientInfo, _Mapping]]] = ...) -> None: ...

@@ -27,7 +27,11 @@ if _version_not_supported:
 
 
 class TributaryStub:
-    """Missing associated documentation comment in .proto file."""
+    """With the server's auth on, every call carries `authorization: Bearer
+    <client token>` metadata: a missing, unknown or revoked token is
+    UNAUTHENTICATED; a job the client is not enrolled in, or a client_id other
+    than the enrolled one, is PERMISSION_DENIED.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -83,7 +87,11 @@ class TributaryStub:
 
 
 class TributaryServicer:
-    """Missing associated documentation comment in .proto file."""
+    """With the server's auth on, every call carries `authorization: Bearer
+    <client token>` metadata: a missing, unknown or revoked token is
+    UNAUTHENTICATED; a job the client is not enrolled in, or a client_id other
+    than the enrolled one, is PERMISSION_DENIED.
+    """
 
     def GetJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -196,7 +204,11 @@ def add_TributaryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Tributary:
-    """Missing associated documentation comment in .proto file."""
+    """With the server's auth on, every call carries `authorization: Bearer
+    <client token>` metadata: a missing, unknown or revoked token is
+    UNAUTHENTICATED; a job the client is not enrolled in, or a client_id other
+    than the enrolled one, is PERMISSION_DENIED.
+    """
 
     @staticmethod
     def GetJob(request,
@@ -431,6 +443,208 @@ class Tributary:
             '/tributary.v1.Tributary/Unmask',
             proto_dot_tributary__pb2.UnmaskResponseMessage.SerializeToString,
             proto_dot_tributary__pb2.CohortOutcome.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Status = channel.unary_unary(
+                '/tributary.v1.Admin/Status',
+                request_serializer=proto_dot_tributary__pb2.ServerStatusRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.ServerStatus.FromString,
+                _registered_method=True)
+        self.EnrolClient = channel.unary_unary(
+                '/tributary.v1.Admin/EnrolClient',
+                request_serializer=proto_dot_tributary__pb2.EnrolClientRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.EnrolledClientToken.FromString,
+                _registered_method=True)
+        self.RevokeClient = channel.unary_unary(
+                '/tributary.v1.Admin/RevokeClient',
+                request_serializer=proto_dot_tributary__pb2.RevokeClientRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.RevokeClientResponse.FromString,
+                _registered_method=True)
+        self.ListClients = channel.unary_unary(
+                '/tributary.v1.Admin/ListClients',
+                request_serializer=proto_dot_tributary__pb2.ListClientsRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.ClientList.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnrolClient(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeClient(self, request, context):
+        """NOT_FOUND for a client that was never enrolled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClients(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=proto_dot_tributary__pb2.ServerStatusRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.ServerStatus.SerializeToString,
+            ),
+            'EnrolClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrolClient,
+                    request_deserializer=proto_dot_tributary__pb2.EnrolClientRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.EnrolledClientToken.SerializeToString,
+            ),
+            'RevokeClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeClient,
+                    request_deserializer=proto_dot_tributary__pb2.RevokeClientRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.RevokeClientResponse.SerializeToString,
+            ),
+            'ListClients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClients,
+                    request_deserializer=proto_dot_tributary__pb2.ListClientsRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.ClientList.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tributary.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tributary.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Admin/Status',
+            proto_dot_tributary__pb2.ServerStatusRequest.SerializeToString,
+            proto_dot_tributary__pb2.ServerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrolClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Admin/EnrolClient',
+            proto_dot_tributary__pb2.EnrolClientRequest.SerializeToString,
+            proto_dot_tributary__pb2.EnrolledClientToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Admin/RevokeClient',
+            proto_dot_tributary__pb2.RevokeClientRequest.SerializeToString,
+            proto_dot_tributary__pb2.RevokeClientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Admin/ListClients',
+            proto_dot_tributary__pb2.ListClientsRequest.SerializeToString,
+            proto_dot_tributary__pb2.ClientList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,8 @@ Layers, outermost first (imports point inward only):
              plaintext when asked for)
   certs      makes a CA and certificates; reads and checks the server's PEM files
   servicer   thin gRPC layer: messages in, core calls, status codes out
+             (admin: the Admin service; interceptors: token checks)
+  auth       enrolled clients, tokens, admin credential, checks (no grpc)
   core       jobs, immutable model snapshots, idempotency, admission (no grpc)
   strategies fedasync / fedbuff / fedavg math on numpy arrays (no grpc)
   staleness  the staleness functions s(tau)

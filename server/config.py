@@ -14,6 +14,8 @@ TOML layout (job keys are flat, like the CLI flags):
     cert = "certs/server.pem"   # paths are relative to the TOML file
     key = "certs/server.key"
     client_ca = "certs/ca.pem"  # optional: require client certificates (mTLS)
+    state_dir = "state"         # relative to the file
+    auth = true                 # enrolled clients only (needs state_dir)
 
     [[jobs]]
     id = "default"
@@ -379,6 +381,12 @@ class ServerConfig:
     insecure: bool = False
     """Serve plaintext: only when asked for, on a network that is trusted anyway."""
 
+    auth: bool = False
+    """Serve only enrolled clients, each with a bearer token, in the jobs it is
+    enrolled in; adds the Admin service. Needs state_dir (the registry lives there)."""
+    admin_token_file: Path | None = None
+    """File holding the admin token; None: `<state_dir>/admin.token`, generated at first start."""
+
     def __post_init__(self) -> None:
         if self.state_dir is not None and not isinstance(self.state_dir, Path):
             object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -390,6 +398,17 @@ class ServerConfig:
                     f"keep_log_entries={self.retention.keep_log_entries} is below job {job.job_id!r}'s "
                     f"idempotency_window={job.idempotency_window}: retried pushes could be counted twice after a restart"
                 )
+        if not isinstance(self.auth, bool):
+            raise ConfigError(f"auth must be true or false, got {self.auth!r}")
+        for name in ("state_dir", "admin_token_file"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), Path):
+                raise ConfigError(f"{name} must be a path, got {getattr(self, name)!r}")
+        if self.auth and self.state_dir is None:
+            raise ConfigError(
+                "auth (--auth) needs state_dir (--state-dir): the enrolled clients are kept in <state_dir>/tributary.db"
+            )
+        if self.admin_token_file is not None and not self.auth:
+            raise ConfigError("admin_token_file (--admin-token-file) only applies with auth (--auth)")
         if not isinstance(self.address, str):
             raise ConfigError(f"address must be a \"host:port\" string, got {self.address!r}")
         host, sep, port = self.address.rpartition(":")
@@ -436,9 +455,12 @@ class ServerConfig:
         jobs = values.pop("jobs", None)
         tls = values.pop("tls", None)
         retention = {k: values.pop(k) for k in list(values) if k in _RETENTION_KEYS and values[k] is not None}
-        unknown = set(values) - {"address", "max_workers", "insecure", "state_dir", "grace_period_s"} - _RETENTION_KEYS
+        unknown = set(values) - {"address", "max_workers", "insecure", "state_dir", "grace_period_s", "auth", "admin_token_file"} - _RETENTION_KEYS
         if unknown:
             raise ConfigError(f"unknown server setting(s): {', '.join(sorted(unknown))}")
+        for key in ("state_dir", "admin_token_file"):
+            if isinstance(values.get(key), str):
+                values[key] = Path(values[key])
         if jobs is None:
             jobs = [{}]
         if not isinstance(jobs, list):
@@ -471,6 +493,9 @@ class ServerConfig:
         for job in values.get("jobs", []) if isinstance(values.get("jobs"), list) else []:
             if isinstance(job, dict) and "initial_model" in job:
                 job["initial_model"] = base / job["initial_model"]
+        for key in ("admin_token_file",):
+            if isinstance(values.get(key), str):
+                values[key] = base / values[key]
         tls = values.get("tls")
         if isinstance(tls, dict):
             values["tls"] = {key: base / value if key in _TLS_KEYS and isinstance(value, str) else value for key, value in tls.items()}

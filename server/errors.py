@@ -9,6 +9,10 @@
     |   +-- RoundClosed          fedavg: the round this update was for is over
     +-- LimitExceeded            over a configured size limit
     +-- IdempotencyConflict      key reused for a different update
+    +-- NotAuthenticated         no credential, or one the server does not accept
+    +-- PermissionDenied         a known credential, not allowed to do this
+    +-- ClientAlreadyEnrolled    enrolling an active client without `rotate`
+    +-- UnknownClient            revoking a client that was never enrolled
     +-- Unavailable              the server cannot take it now, through no fault
         +-- ShuttingDown         of the peer's: retry (SIGTERM; state not writable)
 
@@ -58,6 +62,22 @@ class LimitExceeded(ServerError):
 
 
 class IdempotencyConflict(InvalidUpdate):
+    pass
+
+
+class NotAuthenticated(ServerError):
+    pass
+
+
+class PermissionDenied(ServerError):
+    pass
+
+
+class ClientAlreadyEnrolled(ServerError):
+    pass
+
+
+class UnknownClient(ServerError):
     pass
 
 

@@ -20,7 +20,19 @@ from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader
 from proto.secagg.protocol import KeyAdvert, ProtocolViolation, SealedShares, UnmaskResponse
 from server.cohorts import CohortManager
 from server import faults
-from server.errors import InvalidUpdate, JobNotFound, LimitExceeded, PreconditionFailed, ServerError, Unavailable
+from server.auth import Authorizer
+from server.errors import (
+    ClientAlreadyEnrolled,
+    InvalidUpdate,
+    JobNotFound,
+    LimitExceeded,
+    NotAuthenticated,
+    PermissionDenied,
+    PreconditionFailed,
+    ServerError,
+    Unavailable,
+    UnknownClient,
+)
 from server.secagg import CohortAborted
 
 _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -32,6 +44,10 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (NotAuthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (ClientAlreadyEnrolled, grpc.StatusCode.ALREADY_EXISTS),
+    (UnknownClient, grpc.StatusCode.NOT_FOUND),
 )
 _STRATEGY_KIND = {
     "fedasync": pb.STRATEGY_KIND_FEDASYNC,
@@ -43,12 +59,20 @@ MAX_ID_LENGTH = 128
 
 
 class TributaryServicer(pb_grpc.TributaryServicer):
-    def __init__(self, core: AggregationCore, cohorts: dict[str, CohortManager] | None = None) -> None:
+    """Every RPC first checks, through `authorizer` (None: auth is off), that
+    the caller may act in the job the request names and as the client id it
+    names; the interceptor has already checked the token itself."""
+
+    def __init__(
+        self, core: AggregationCore, cohorts: dict[str, CohortManager] | None = None, authorizer: Authorizer | None = None
+    ) -> None:
         self._core = core
         self._cohorts = cohorts or {}
+        self._authorizer = authorizer
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
         with _status_on_error(context):
+            self._authorize(context, request.job_id)
             job = self._core.job(request.job_id)
             snapshot = job.snapshot()
             return pb.JobInfo(
@@ -65,6 +89,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
         with _status_on_error(context):
+            self._authorize(context, request.job_id)
             job = self._core.job(request.job_id)
             if request.min_version > 0:
                 timeout = min(request.wait_timeout_ms / 1000.0, MAX_LONG_POLL_S)
@@ -85,6 +110,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             if first is None or first.WhichOneof("kind") != "update":
                 raise InvalidUpdate("a push stream must start with an `update` header message")
             message = first.update
+            self._authorize(context, message.job_id, message.client_id)
             job = self._core.job(message.job_id)
             _check_id("client_id", message.client_id)
             _check_id("idempotency_key", message.idempotency_key)
@@ -115,6 +141,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
 
     def JoinCohort(self, request: pb.JoinCohortRequest, context: grpc.ServicerContext) -> pb.CohortPlanMessage:
         with _status_on_error(context):
+            self._authorize(context, request.job_id, request.client_id)
             manager = self._manager(request.job_id)
             _check_id("client_id", request.client_id)
             if not request.client_id:
@@ -145,6 +172,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
     def AdvertiseKeys(self, request: pb.KeyAdvertMessage, context: grpc.ServicerContext) -> pb.NeighbourKeys:
         with _status_on_error(context):
             ref = request.sender
+            self._authorize(context, ref.job_id)
             manager = self._manager(ref.job_id)
             advert = KeyAdvert(ref.cohort_id, ref.member, request.share_key, request.mask_key)
             keys = manager.advertise(ref.cohort_id, ref.member, ref.token, advert)
@@ -156,6 +184,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
     def ShareKeys(self, request: pb.SealedSharesMessage, context: grpc.ServicerContext) -> pb.SharesForMember:
         with _status_on_error(context):
             ref = request.sender
+            self._authorize(context, ref.job_id)
             manager = self._manager(ref.job_id)
             sealed = {share.peer: share.blob for share in request.shares}
             if len(sealed) != len(request.shares):
@@ -166,6 +195,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
 
     def GetUploadSlot(self, request: pb.MemberRef, context: grpc.ServicerContext) -> pb.UploadSlot:
         with _status_on_error(context):
+            self._authorize(context, request.job_id)
             manager = self._manager(request.job_id)
             return pb.UploadSlot(version=manager.upload_slot(request.cohort_id, request.member, request.token))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -176,6 +206,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidUpdate("a masked upload must start with a `header` message")
             ref = first.header
+            self._authorize(context, ref.job_id)
             manager = self._manager(ref.job_id)
             length = manager.job.vector_length + 1
             assembler = PayloadAssembler([TensorSpec("masked", np.dtype("<u4"), (length,))])
@@ -194,6 +225,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
     def Unmask(self, request: pb.UnmaskResponseMessage, context: grpc.ServicerContext) -> pb.CohortOutcome:
         with _status_on_error(context):
             ref = request.sender
+            self._authorize(context, ref.job_id)
             manager = self._manager(ref.job_id)
             response = UnmaskResponse(
                 ref.cohort_id,
@@ -204,6 +236,10 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             version = manager.unmask(ref.cohort_id, ref.member, ref.token, response)
             return pb.CohortOutcome(version=version)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _authorize(self, context: grpc.ServicerContext, job_id: str, client_id: str = "") -> None:
+        if self._authorizer is not None:
+            self._authorizer.authorize(context.invocation_metadata(), job_id, client_id)
 
     def _manager(self, job_id: str) -> CohortManager:
         job = self._core.job(job_id)
@@ -229,14 +265,22 @@ def _ack(job_id: str, outcome: PushOutcome) -> pb.PushAck:
     )
 
 
+def status_code_for(error: Exception) -> grpc.StatusCode | None:
+    """The status a refusal maps to, from the one table (None: not a refusal)."""
+    for error_type, code in _STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return None
+
+
 @contextlib.contextmanager
 def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[str], None] | None = None) -> Iterator[None]:
     try:
         yield
     except (ServerError, MalformedPayload, ProtocolViolation, CohortAborted) as error:
-        for error_type, code in _STATUS_BY_ERROR:
-            if isinstance(error, error_type):
-                if on_reject is not None:
-                    on_reject(type(error).__name__)
-                context.abort(code, str(error))
+        code = status_code_for(error)
+        if code is not None:
+            if on_reject is not None:
+                on_reject(type(error).__name__)
+            context.abort(code, str(error))
         raise  # a ServerError subclass missing from the table is our bug: surface it as UNKNOWN

@@ -31,6 +31,14 @@ def run_client(options: dict[str, Any]) -> None:
         raise click.UsageError(f"--insecure talks plaintext; drop it to use {', '.join(tls_flags)}, or drop {', '.join(tls_flags)}")
     if (options["cert_file"] is None) != (options["key_file"] is None):
         raise click.UsageError("a client certificate needs both --cert FILE and --key FILE")
+    token = None
+    if options["token_file"] is not None:
+        if options["client_id"] is None:
+            raise click.UsageError("--token-file needs --client-id: the id the token was enrolled for")
+        try:
+            token = options["token_file"].read_text().strip()
+        except OSError as error:
+            raise click.BadParameter(f"cannot read {options['token_file']}: {error.strerror}", param_hint="--token-file") from error
 
     import torch
 
@@ -61,8 +69,8 @@ def run_client(options: dict[str, Any]) -> None:
     model = build_model(options["seed"])
     tls = ClientTLS(ca_file=options["ca_file"], cert_file=options["cert_file"], key_file=options["key_file"]) if tls_flags else None
     try:
-        client = Client(options["address"], job=options["job"], client_id=options["client_id"], tls=tls, insecure=options["insecure"])
-    except ValueError as error:  # a TLS file that cannot work, named
+        client = Client(options["address"], job=options["job"], client_id=options["client_id"], tls=tls, insecure=options["insecure"], token=token)
+    except ValueError as error:  # a TLS file or a token that cannot work, named
         raise click.ClickException(str(error)) from error
     try:
         with client:

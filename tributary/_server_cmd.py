@@ -21,9 +21,9 @@ _JOB_FLAGS = (
     "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
 )
 
-
 _RETENTION_FLAGS = ("checkpoint_every", "keep_checkpoints", "keep_log_entries")
-_SERVER_FLAGS = ("address", "max_workers", "state_dir", "grace_period_s", *_RETENTION_FLAGS)
+_SERVER_FLAGS = ("address", "max_workers", "state_dir", "grace_period_s", "auth", "admin_token_file", *_RETENTION_FLAGS)
+"""Server-wide flags: they also apply with --config, overriding the file."""
 
 _FLAG_NAMES = {"job_id": "--job", "forming_timeout_s": "--forming-timeout", "phase_timeout_s": "--phase-timeout", "upload_timeout_s": "--upload-timeout"}
 
@@ -96,6 +96,10 @@ def run_server(options: dict[str, Any]) -> None:
                     f"job {job_id!r}: resumed from {config.state_dir} at version {resumed.snapshot().version} "
                     f"({resumed.pending_updates} buffered updates); its initial model was not used"
                 )
+            if running.registry is not None:
+                enrolled = sum(1 for c in running.registry.clients() if c.active)
+                how = "generated now, keep it secret" if running.admin_token_generated else "keep it secret"
+                click.echo(f"auth on: {enrolled} enrolled client(s); admin token in {running.admin_token_file} ({how})")
             mode = "plaintext" if config.tls is None else ("mutual TLS" if config.tls.mutual else "TLS")
             click.echo(f"tributary server listening on {running.address} ({mode})", nl=True)
             sys.stdout.flush()

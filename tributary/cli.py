@@ -55,6 +55,8 @@ def main() -> None:
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM private key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Require client certificates signed by this PEM CA (mutual TLS).")
 @click.option("--insecure", is_flag=True, default=None, help="Serve plaintext instead of TLS (a trusted network only).")
+@click.option("--auth", is_flag=True, default=None, help="Serve only enrolled clients (bearer tokens, `tributary admin enrol`); needs --state-dir.")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File holding the admin token.  [default: generated into <state-dir>/admin.token]")
 def server(**options: object) -> None:
     """Run the aggregation server until interrupted (Ctrl-C or SIGTERM)."""
     from tributary._server_cmd import run_server
@@ -77,16 +79,71 @@ def server(**options: object) -> None:
 @click.option("--batch-size", type=int, default=32, help="Local batch size.")
 @click.option("--round-seconds", type=float, default=0.0, help="Pad each local round to this long (emulates a slower device).")
 @click.option("--device", default=None, help="torch device (cuda, mps, cpu); default: the best available.")
-@click.option("--client-id", default=None, help="Client id the server sees; default: random.")
+@click.option("--client-id", default=None, help="Client id the server sees; default: random (with --token-file: give the enrolled id).")
 @click.option("--ca", "ca_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM CA the server's certificate must be signed by; default: gRPC's public roots.")
 @click.option("--cert", "cert_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="This client's PEM certificate, for servers that require one (mutual TLS); needs --key.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM private key of --cert.")
 @click.option("--insecure", is_flag=True, default=False, help="Talk plaintext instead of TLS (a trusted network only).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File holding this client's token (from `tributary admin enrol`), for servers run with --auth.")
 def client(**options: object) -> None:
     """Join a job and train a built-in task (pull -> train -> push, repeatedly)."""
     from tributary._client_cmd import run_client
 
     run_client(options)
+
+
+@main.group()
+@click.option("--server", "address", default="127.0.0.1:50051", help="Server host:port.")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False, path_type=Path), required=True, envvar="TRIBUTARY_ADMIN_TOKEN_FILE", help="File holding the admin token (the server's --admin-token-file, or <state-dir>/admin.token); or set TRIBUTARY_ADMIN_TOKEN_FILE.")
+@click.option("--ca", "ca_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM CA the server's certificate must be signed by; default: gRPC's public roots.")
+@click.option("--cert", "cert_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM certificate to show a server that requires one (mutual TLS); needs --key.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM private key of --cert.")
+@click.option("--insecure", is_flag=True, default=False, help="Talk plaintext instead of TLS (a trusted network only).")
+@click.pass_context
+def admin(context: click.Context, address: str, admin_token_file: Path, ca_file: Path | None, cert_file: Path | None, key_file: Path | None, insecure: bool) -> None:
+    """Administer a server run with --auth: status, enrol and revoke clients."""
+    context.obj = {"address": address, "admin_token_file": admin_token_file, "ca_file": ca_file, "cert_file": cert_file, "key_file": key_file, "insecure": insecure}
+
+
+@admin.command("status")
+@click.pass_obj
+def admin_status(settings: dict[str, object]) -> None:
+    """Each job's strategy, version, updates and enrolled clients."""
+    from tributary._admin_cmd import show_status
+
+    show_status(settings)
+
+
+@admin.command("enrol")
+@click.argument("client_id")
+@click.option("--job", "jobs", multiple=True, required=True, help="Job the client may act in (repeat for several).")
+@click.option("--rotate", is_flag=True, default=False, help="Replace the token (and jobs) of a client that is already enrolled.")
+@click.option("--token-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the token to this file (mode 0600) instead of printing it.")
+@click.pass_obj
+def admin_enrol(settings: dict[str, object], /, **options: object) -> None:
+    """Enrol CLIENT_ID in jobs and print its token (shown once)."""
+    from tributary._admin_cmd import enrol
+
+    enrol(settings, options)
+
+
+@admin.command("revoke")
+@click.argument("client_id")
+@click.pass_obj
+def admin_revoke(settings: dict[str, object], client_id: str) -> None:
+    """Revoke CLIENT_ID's token: its next call is refused."""
+    from tributary._admin_cmd import revoke
+
+    revoke(settings, client_id)
+
+
+@admin.command("clients")
+@click.pass_obj
+def admin_clients(settings: dict[str, object]) -> None:
+    """List enrolled clients, their jobs, and whether they are revoked."""
+    from tributary._admin_cmd import list_clients
+
+    list_clients(settings)
 
 
 @main.command()

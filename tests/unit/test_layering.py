@@ -18,7 +18,10 @@ ALLOWED = {
     "edge": {"proto", "client_sdk", "edge"},
 }
 PROJECT = {"proto", "server", "client_sdk", "edge", "tributary"}
-GRPC_FREE = ["server/core.py", "server/strategies.py", "server/secagg.py", "server/cohorts.py", "server/config.py", "server/errors.py"]
+GRPC_FREE = [
+    "server/core.py", "server/strategies.py", "server/secagg.py", "server/cohorts.py", "server/config.py", "server/errors.py",
+    "server/auth.py",
+]  # fmt: skip
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -57,6 +60,22 @@ def test_client_command_does_not_load_server_code() -> None:
         "result = CliRunner().invoke(main, ['client', '--server', '127.0.0.1:1', '--updates', '1', '--shard', '3', '--num-shards', '2'])\n"
         "assert result.exit_code != 0, result.output\n"
         "import client_sdk, edge.tasks\n"
+        "print(sorted(m for m in sys.modules if m == 'server' or m.startswith('server.')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_admin_command_does_not_load_server_code(tmp_path: Path) -> None:
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("trb_admin_" + "x" * 40)
+    probe = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from tributary.cli import main\n"
+        f"result = CliRunner().invoke(main, ['admin', '--server', '127.0.0.1:1', '--admin-token-file', {str(token_file)!r}, 'status'])\n"
+        "assert result.exit_code != 0, result.output\n"
         "print(sorted(m for m in sys.modules if m == 'server' or m.startswith('server.')))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
