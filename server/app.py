@@ -27,7 +27,7 @@ from server.cohorts import CohortManager
 from server.config import ServerConfig
 from server.core import AggregationCore
 from server.errors import ConfigError, StateError
-from server.interceptors import AuthInterceptor
+from server.interceptors import AuthInterceptor, InFlight
 from server.models import load_model
 from server.servicer import TributaryServicer
 from server.store import StateStore
@@ -110,7 +110,8 @@ def running_server(
                 store.close()
             raise ConfigError(str(error)) from error
     registry, admin, admin_generated = _open_auth(config) if config.auth else (None, None, False)
-    interceptors = [AuthInterceptor(CallGate(registry, admin))] if registry is not None and admin is not None else []
+    in_flight = InFlight()
+    interceptors = [in_flight, *([AuthInterceptor(CallGate(registry, admin))] if registry is not None and admin is not None else [])]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="tributary-rpc"), interceptors=interceptors
     )
@@ -161,7 +162,11 @@ def running_server(
             manager.shut_down()
         for job in core.jobs.values():
             job.release_waiters()
-        server.stop(config.grace_period_s if grace_s is None else grace_s).wait()
+        grace = config.grace_period_s if grace_s is None else grace_s
+        stopped = server.stop(grace)  # refuses new RPCs from now on
+        in_flight.wait_idle(grace)
+        server.stop(0)  # what is left cannot be work: health Watch streams
+        stopped.wait()
         if store is not None:
             store.close()
             logger.info("state written to %s", config.state_dir)

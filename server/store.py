@@ -465,7 +465,12 @@ class _Transaction:
         self._writing = writing
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:  # e.g. locked by another process past the busy timeout
+            if self._writing:
+                raise Unavailable(f"the server could not store this durably ({error}); nothing was applied, retry later") from error
+            raise
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
         if kind is None:
