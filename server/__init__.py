@@ -3,6 +3,8 @@
 Layers, outermost first (imports point inward only):
   app        builds a gRPC server from a ServerConfig and runs it
   servicer   thin gRPC layer: messages in, core calls, status codes out
+             (limits_interceptor applies the stream limits around it)
+  limits     concurrent streams, per-client rates, stream deadlines (no grpc)
   core       jobs, immutable model snapshots, idempotency, admission (no grpc)
   strategies fedasync / fedbuff / fedavg math on numpy arrays (no grpc)
   staleness  the staleness functions s(tau)

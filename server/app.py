@@ -22,7 +22,10 @@ from proto import tributary_pb2_grpc as pb_grpc
 from server.cohorts import CohortManager
 from server.config import ServerConfig
 from server.core import AggregationCore
+from proto.tensors import MAX_MESSAGE_BYTES
 from server.errors import ConfigError
+from server.limits import ServerLimits
+from server.limits_interceptor import LimitsInterceptor
 from server.models import load_model
 from server.servicer import TributaryServicer
 
@@ -36,6 +39,7 @@ class RunningServer:
     core: AggregationCore
     grpc_server: grpc.Server
     health: health.HealthServicer
+    limits: ServerLimits
 
 
 def load_initial_models(config: ServerConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -63,13 +67,20 @@ def running_server(
         core = AggregationCore.from_config(config, initial_models)
     except (ValueError, KeyError) as error:
         raise ConfigError(str(error)) from error
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="tributary-rpc"))
+    limits = ServerLimits.from_config(config)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="tributary-rpc"),
+        interceptors=[LimitsInterceptor(limits)],
+        # gRPC refuses a larger single message itself, with RESOURCE_EXHAUSTED
+        # "Received message larger than max (N vs. M)"
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+    )
     cohorts = {
         job.job_id: CohortManager(core.job(job.job_id), job.secure_aggregation, secagg_observer)
         for job in config.jobs
         if job.secure_aggregation is not None
     }
-    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts), server)
+    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts, limits), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -79,11 +90,13 @@ def running_server(
     if port == 0:
         raise ConfigError(f"cannot listen on {config.address}: address in use or not local")
     server.start()
+    limits.watchdog.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = config.address.rpartition(":")[0]
     try:
-        yield RunningServer(port, f"{host}:{port}", core, server, health_servicer)
+        yield RunningServer(port, f"{host}:{port}", core, server, health_servicer, limits)
     finally:
         health_servicer.enter_graceful_shutdown()
         server.stop(grace_s).wait()
+        limits.watchdog.stop()
