@@ -1,6 +1,11 @@
 """The low-level API: pull and push named tensors, with retries.
 
-Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter. A push picks its idempotency key
+Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED)
+with exponential backoff and jitter, and on refusals the server marks as worth
+retrying (RESOURCE_EXHAUSTED with a `grpc-retry-pushback-ms` trailer: its rate
+limit, or all its stream slots taken), waiting at least the server's hint; a
+hint longer than `RetryPolicy.max_backoff_s` is raised at once (LimitExceeded,
+with `retry_after_s`) for the app to schedule. A push picks its idempotency key
 once and reuses it on every retry, so a retried push whose ack was lost is
 counted once by the server (which answers with the first ack, `duplicate=True`).
 """
@@ -17,7 +22,16 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from client_sdk._errors import TRANSIENT_CODES, ProtocolError, ServerUnavailable, TributaryError, status_code, translate
+from client_sdk._errors import (
+    TRANSIENT_CODES,
+    LimitExceeded,
+    ProtocolError,
+    ServerUnavailable,
+    TributaryError,
+    retry_after_s,
+    status_code,
+    translate,
+)
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import (
@@ -227,21 +241,31 @@ class Client:
         finally:
             stream.cancel()  # a no-op once the stream is complete; frees it on any early exit
 
-    def _with_retries(self, doing: str, call: Callable[[], T]) -> T:
+    def _with_retries(self, doing: str, call: Callable[[], T], *, transient: bool = True) -> T:
+        """`call()`, retried per `self.retry` on transient failures (unless
+        `transient` is False) and on refusals with a server pushback."""
         delays = self.retry.delays()
         while True:
             try:
                 return call()
             except grpc.RpcError as error:
                 code = status_code(error)
-                delay = next(delays, None) if code in TRANSIENT_CODES else None
+                pushback = retry_after_s(error)
+                retryable = (transient and code in TRANSIENT_CODES) or (
+                    pushback is not None and pushback <= self.retry.max_backoff_s
+                )
+                delay = next(delays, None) if retryable else None
                 if delay is None:
                     translated = translate(error, f"{doing} on job {self.job!r} at {self.address}")
-                    if code in TRANSIENT_CODES:
+                    if retryable and code in TRANSIENT_CODES:
                         translated = ServerUnavailable(f"{translated} after {self.retry.max_attempts} attempts")
                         translated.code = code
+                    elif retryable and isinstance(translated, LimitExceeded):
+                        hint = translated.retry_after_s
+                        translated = LimitExceeded(f"{translated} after {self.retry.max_attempts} attempts")
+                        translated.code, translated.retry_after_s = code, hint
                     raise translated from None
-                time.sleep(delay)
+                time.sleep(max(delay, pushback or 0.0))
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -6,7 +6,9 @@
     +-- NotAcceptedNow             well-formed but not acceptable now: too stale,
     |                              round closed, unknown base version. Pull and retrain.
     +-- JobNotFound                the server does not run that job
-    +-- LimitExceeded              over one of the server's limits (size, rate)
+    +-- LimitExceeded              over one of the server's limits (size, rate,
+    |                              concurrent streams); `retry_after_s` is set when
+    |                              a later retry may succeed
     +-- ServerUnavailable          the server could not be reached, retries spent
     +-- ProtocolError              the server sent something malformed (a bug, or
                                    not a Tributary server)
@@ -18,6 +20,8 @@
 from __future__ import annotations
 
 import grpc
+
+from proto.metadata import RETRY_PUSHBACK_MS
 
 
 class TributaryError(Exception):
@@ -39,7 +43,9 @@ class JobNotFound(TributaryError):
 
 
 class LimitExceeded(TributaryError):
-    pass
+    retry_after_s: float | None = None
+    """The server's hint for a load limit (rate, concurrent streams); None for a
+    limit no retry can pass (an update over max_update_bytes)."""
 
 
 class ServerUnavailable(TributaryError):
@@ -79,6 +85,22 @@ def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
     return code() if callable(code) else None
 
 
+def retry_after_s(error: grpc.RpcError) -> float | None:
+    """The server's pushback on a RESOURCE_EXHAUSTED refusal that may succeed
+    later (rate limit, all stream slots taken), in seconds; None otherwise."""
+    if status_code(error) != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == RETRY_PUSHBACK_MS:
+            try:
+                milliseconds = int(value)
+            except ValueError:
+                return None
+            return milliseconds / 1000.0 if milliseconds >= 0 else None  # negative: gRFC A6's "do not retry"
+    return None
+
+
 def translate(error: grpc.RpcError, doing: str) -> TributaryError:
     code = status_code(error)
     details_fn = getattr(error, "details", None)
@@ -86,4 +108,6 @@ def translate(error: grpc.RpcError, doing: str) -> TributaryError:
     kind = _BY_CODE.get(code, TributaryError) if code is not None else TributaryError
     translated = kind(f"{doing}: {details}" + (f" ({code.name})" if code is not None else ""))
     translated.code = code
+    if isinstance(translated, LimitExceeded):
+        translated.retry_after_s = retry_after_s(error)
     return translated

@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
-import grpc
 import numpy as np
 
 from client_sdk._client import Client
-from client_sdk._errors import CohortAborted, TributaryError, translate
+from client_sdk._errors import CohortAborted, TributaryError
 from client_sdk._secagg import CohortMember
 from proto import staleness
 from proto import tributary_pb2 as pb
@@ -167,10 +166,11 @@ class SecureRound:
             self._setup_error = error
 
     def _call(self, doing: str, call):  # type: ignore[no-untyped-def]
-        try:
-            return call(timeout=self._client.timeout_s + 600) if isinstance(call, partial) else call()
-        except grpc.RpcError as error:
-            raise translate(error, f"{doing} in job {self._client.job!r}") from None
+        # Not retried on transient failures (see the module docstring), but a
+        # refusal with a server pushback (all stream slots taken) happened
+        # before the server read anything, so it is safe to repeat.
+        timed = partial(call, timeout=self._client.timeout_s + 600) if isinstance(call, partial) else call
+        return self._client._with_retries(f"{doing} in a cohort", timed, transient=False)
 
 
 def _weight(rule: pb.StalenessRule, tau: int, num_samples: int) -> float:
