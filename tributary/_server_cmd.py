@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -11,6 +12,7 @@ from typing import Any
 import click
 
 from server import ConfigError, ServerConfig
+from server.config import SERVER_KEYS
 from server.app import load_initial_models, running_server
 
 _JOB_FLAGS = (
@@ -38,9 +40,9 @@ def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] 
             flags = ", ".join(_flag(f) for f in given_job_flags)
             raise click.UsageError(f"--config sets the jobs; drop {flags} or move them into {config_path}")
         config = ServerConfig.from_toml(config_path)
-        overrides = {k: options[k] for k in ("address", "max_workers") if options[k] is not None}
+        overrides = {k: options[k] for k in sorted(SERVER_KEYS) if options.get(k) is not None}
         if overrides:
-            config = ServerConfig(**{"address": config.address, "max_workers": config.max_workers, **overrides}, jobs=config.jobs)
+            config = dataclasses.replace(config, **overrides)
         return config, None
     if options["task"] and options["initial_model"]:
         raise click.UsageError("give --initial-model or --task, not both")
@@ -51,7 +53,7 @@ def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] 
         "initial_model": options["initial_model"],
         **{k: options[k] for k in _JOB_FLAGS[3:]},
     }
-    config = ServerConfig.from_mapping({"address": options["address"], "max_workers": options["max_workers"], "jobs": [job]})
+    config = ServerConfig.from_mapping({**{k: options.get(k) for k in SERVER_KEYS}, "jobs": [job]})
     models = None
     if options["task"]:
         from edge.tasks import initial_weights
