@@ -281,9 +281,9 @@ class StreamWatchdog:
         overdue = [(entry, reason) for entry in watched if (reason := entry.clock.overdue()) is not None]
         for entry, reason in overdue:
             LOG.warning("cancelling %s from %s: %s", entry.clock.rpc, entry.peer or "a client", reason)
-            entry.cancel()
-            if self._on_cancel is not None:
+            if self._on_cancel is not None:  # counted before the client can see the cancel
                 self._on_cancel(reason)
+            entry.cancel()
         return len(overdue)
 
     def start(self) -> None:
