@@ -205,7 +205,10 @@ def _install_tributary_probes(probe: _Probe, aggregate: bool) -> None:
 def _tributary_server(params: int, max_workers: int, probe: _Probe, aggregate: bool) -> Iterator[str]:
     _install_tributary_probes(probe, aggregate)
     job = JobConfig(job_id=JOB_ID, strategy=StrategyConfig(name="fedbuff"), max_staleness=None)
-    config = ServerConfig(address=f"{LOOPBACK}:0", max_workers=max_workers, jobs=(job,), insecure=True)
+    # every client keeps a push open: no stream may be refused (the default keeps 16 threads spare)
+    config = ServerConfig(
+        address=f"{LOOPBACK}:0", max_workers=max_workers, max_concurrent_streams=max_workers - 1, jobs=(job,), insecure=True
+    )
     initial = {JOB_ID: {TENSOR: np.zeros(params, dtype=np.float32)}}
     with running_server(config, initial, grace_s=1.0) as running:
         yield running.address

@@ -5,8 +5,13 @@ is logged as a warning): with no settings, the server's certificate is checked
 against gRPC's default roots; `tls=ClientTLS(...)` names a private CA, a
 client certificate for mutual TLS, and the name to expect.
 
-Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter
-(never on UNAUTHENTICATED or PERMISSION_DENIED, which a retry would not change). A push picks its idempotency key
+Every call is retried on transient failures (UNAVAILABLE, DEADLINE_EXCEEDED)
+with exponential backoff and jitter, and on refusals the server marks as worth
+retrying (RESOURCE_EXHAUSTED with a `grpc-retry-pushback-ms` trailer: its rate
+limit, or all its stream slots taken), waiting at least the server's hint; a
+hint longer than `RetryPolicy.max_backoff_s` is raised at once (LimitExceeded,
+with `retry_after_s`) for the app to schedule; never on UNAUTHENTICATED or
+PERMISSION_DENIED, which a retry would not change. A push picks its idempotency key
 once and reuses it on every retry, so a retried push whose ack was lost is
 counted once by the server (which answers with the first ack, `duplicate=True`).
 """
@@ -25,10 +30,12 @@ import numpy as np
 
 from client_sdk._errors import (
     TRANSIENT_CODES,
+    LimitExceeded,
     ProtocolError,
     ServerUnavailable,
     TributaryError,
     closed_connection_hint,
+    retry_after_s,
     status_code,
     tls_failure,
     translate,
@@ -266,7 +273,9 @@ class Client:
         finally:
             stream.cancel()  # a no-op once the stream is complete; frees it on any early exit
 
-    def _with_retries(self, doing: str, call: Callable[[], T]) -> T:
+    def _with_retries(self, doing: str, call: Callable[[], T], *, transient: bool = True) -> T:
+        """`call()`, retried per `self.retry` on transient failures (unless
+        `transient` is False) and on refusals with a server pushback."""
         delays = self.retry.delays()
         while True:
             try:
@@ -277,15 +286,23 @@ class Client:
                 if handshake is not None:
                     raise handshake from None
                 code = status_code(error)
-                delay = next(delays, None) if code in TRANSIENT_CODES else None
+                pushback = retry_after_s(error)
+                retryable = (transient and code in TRANSIENT_CODES) or (
+                    pushback is not None and pushback <= self.retry.max_backoff_s
+                )
+                delay = next(delays, None) if retryable else None
                 if delay is None:
                     translated = translate(error, doing_what)
-                    if code in TRANSIENT_CODES:
-                        hint = closed_connection_hint(error, self._transport)
-                        translated = ServerUnavailable(f"{translated} after {self.retry.max_attempts} attempts{hint}")
+                    if retryable and code in TRANSIENT_CODES:
+                        cause = closed_connection_hint(error, self._transport)
+                        translated = ServerUnavailable(f"{translated} after {self.retry.max_attempts} attempts{cause}")
                         translated.code = code
+                    elif retryable and isinstance(translated, LimitExceeded):
+                        hint = translated.retry_after_s
+                        translated = LimitExceeded(f"{translated} after {self.retry.max_attempts} attempts")
+                        translated.code, translated.retry_after_s = code, hint
                     raise translated from None
-                time.sleep(delay)
+                time.sleep(max(delay, pushback or 0.0))
 
 
 def _to_numpy(value: Any) -> np.ndarray:

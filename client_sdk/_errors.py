@@ -6,7 +6,9 @@
     +-- NotAcceptedNow             well-formed but not acceptable now: too stale,
     |                              round closed, unknown base version. Pull and retrain.
     +-- JobNotFound                the server does not run that job
-    +-- LimitExceeded              over one of the server's limits (size, rate)
+    +-- LimitExceeded              over one of the server's limits (size, rate,
+    |                              concurrent streams); `retry_after_s` is set when
+    |                              a later retry may succeed
     +-- ServerUnavailable          the server could not be reached, retries spent
     |   +-- TLSError               the TLS handshake failed: the server's certificate
     |                              is not trusted or does not name the host, or the
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import grpc
 
+from proto.metadata import RETRY_PUSHBACK_MS
+
 
 class TributaryError(Exception):
     """Base of every SDK error. `code` is the gRPC status code, when one applies."""
@@ -49,7 +53,9 @@ class JobNotFound(TributaryError):
 
 
 class LimitExceeded(TributaryError):
-    pass
+    retry_after_s: float | None = None
+    """The server's hint for a load limit (rate, concurrent streams); None for a
+    limit no retry can pass (an update over max_update_bytes)."""
 
 
 class ServerUnavailable(TributaryError):
@@ -103,6 +109,22 @@ def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
     return code() if callable(code) else None
 
 
+def retry_after_s(error: grpc.RpcError) -> float | None:
+    """The server's pushback on a RESOURCE_EXHAUSTED refusal that may succeed
+    later (rate limit, all stream slots taken), in seconds; None otherwise."""
+    if status_code(error) != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == RETRY_PUSHBACK_MS:
+            try:
+                milliseconds = int(value)
+            except ValueError:
+                return None
+            return milliseconds / 1000.0 if milliseconds >= 0 else None  # negative: gRFC A6's "do not retry"
+    return None
+
+
 def translate(
     error: grpc.RpcError, doing: str, kinds: dict[grpc.StatusCode, type[TributaryError]] | None = None
 ) -> TributaryError:
@@ -114,6 +136,8 @@ def translate(
     kind = table.get(code, TributaryError) if code is not None else TributaryError
     translated = kind(f"{doing}: {details}" + (f" ({code.name})" if code is not None else ""))
     translated.code = code
+    if isinstance(translated, LimitExceeded):
+        translated.retry_after_s = retry_after_s(error)
     return translated
 
 

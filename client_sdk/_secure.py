@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
-import grpc
 import numpy as np
 
 from client_sdk._client import Client
-from client_sdk._errors import CohortAborted, NotAuthenticated, PermissionDenied, ServerUnavailable, TributaryError, translate
+from client_sdk._errors import CohortAborted, NotAuthenticated, PermissionDenied, ServerUnavailable, TributaryError
 from client_sdk._secagg import CohortMember
 from proto import staleness
 from proto import tributary_pb2 as pb
@@ -168,16 +167,17 @@ class SecureRound:
             self._setup_error = error
 
     def _call(self, doing: str, call):  # type: ignore[no-untyped-def]
+        # Not retried on transient failures (see the module docstring), but a
+        # refusal with a server pushback (all stream slots taken) happened
+        # before the server read anything, so it is safe to repeat.
+        timed = partial(call, timeout=self._client.timeout_s + 600) if isinstance(call, partial) else call
         try:
-            return call(timeout=self._client.timeout_s + 600) if isinstance(call, partial) else call()
-        except grpc.RpcError as error:
-            translated = translate(error, f"{doing} in job {self._client.job!r}")
-            if isinstance(translated, ServerUnavailable):
-                # A cohort lives in the server's memory: a server that went away
-                # (restart, crash) took it along, and a retry would only be told
-                # so. The cohort is over for this member; it joins a new one.
-                raise CohortAborted(f"lost the server while trying to {doing}; this cohort is over, join a new one ({translated})") from None
-            raise translated from None
+            return self._client._with_retries(f"{doing} in a cohort", timed, transient=False)
+        except ServerUnavailable as error:
+            # A cohort lives in the server's memory: a server that went away
+            # (restart, crash) took it along, and a retry would only be told
+            # so. The cohort is over for this member; it joins a new one.
+            raise CohortAborted(f"lost the server while trying to {doing}; this cohort is over, join a new one ({error})") from None
 
 
 def _weight(rule: pb.StalenessRule, tau: int, num_samples: int) -> float:

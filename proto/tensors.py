@@ -24,6 +24,10 @@ from proto import tributary_pb2 as pb
 CHUNK_BYTES = 1 << 20
 """Largest chunk a sender emits and a receiver accepts (1 MiB)."""
 
+MAX_MESSAGE_BYTES = 4 << 20
+"""Largest single message the server accepts (gRPC's default, set explicitly):
+a chunk plus room for a header listing many tensors."""
+
 MAX_PAYLOAD_BYTES = 1 << 40
 """No header may declare more (1 TiB): far above any model, far below overflow."""
 

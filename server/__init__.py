@@ -7,6 +7,8 @@ Layers, outermost first (imports point inward only):
   servicer   thin gRPC layer: messages in, core calls, status codes out
              (admin: the Admin service; interceptors: token checks)
   auth       enrolled clients, tokens, admin credential, checks (no grpc)
+             (limits_interceptor applies the stream limits around it)
+  limits     concurrent streams, per-client rates, stream deadlines (no grpc)
   core       jobs, immutable model snapshots, idempotency, admission (no grpc)
   strategies fedasync / fedbuff / fedavg math on numpy arrays (no grpc)
   staleness  the staleness functions s(tau)

@@ -28,6 +28,9 @@ from server.config import ServerConfig
 from server.core import AggregationCore
 from server.errors import ConfigError, StateError
 from server.interceptors import AuthInterceptor, InFlight
+from proto.tensors import MAX_MESSAGE_BYTES
+from server.limits import ServerLimits
+from server.limits_interceptor import LimitsInterceptor
 from server.models import load_model
 from server.servicer import TributaryServicer
 from server.store import StateStore
@@ -43,6 +46,7 @@ class RunningServer:
     core: AggregationCore
     grpc_server: grpc.Server
     health: health.HealthServicer
+    limits: ServerLimits
     tls: bool
     """Whether the server serves TLS (mutual TLS when its config names a client CA)."""
     recovered: tuple[str, ...] = ()
@@ -110,10 +114,16 @@ def running_server(
                 store.close()
             raise ConfigError(str(error)) from error
     registry, admin, admin_generated = _open_auth(config) if config.auth else (None, None, False)
+    limits = ServerLimits.from_config(config)
     in_flight = InFlight()
-    interceptors = [in_flight, *([AuthInterceptor(CallGate(registry, admin))] if registry is not None and admin is not None else [])]
+    # Auth first: a caller without a credential never takes a stream slot.
+    auth = [AuthInterceptor(CallGate(registry, admin))] if registry is not None and admin is not None else []
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="tributary-rpc"), interceptors=interceptors
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="tributary-rpc"),
+        interceptors=[in_flight, *auth, LimitsInterceptor(limits)],
+        # gRPC refuses a larger single message itself, with RESOURCE_EXHAUSTED
+        # "Received message larger than max (N vs. M)"
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
     )
     cohorts = {
         job.job_id: CohortManager(core.job(job.job_id), job.secure_aggregation, secagg_observer)
@@ -121,7 +131,7 @@ def running_server(
         if job.secure_aggregation is not None
     }
     authorizer = Authorizer(registry) if registry is not None else None
-    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts, authorizer), server)
+    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts, authorizer, limits), server)
     if registry is not None:  # with auth off there is no admin credential, so no Admin service
         pb_grpc.add_AdminServicer_to_server(AdminServicer(core, registry), server)
     health_servicer = health.HealthServicer()
@@ -141,6 +151,7 @@ def running_server(
             store.close()
         raise ConfigError(f"cannot listen on {config.address}: {reason}")
     server.start()
+    limits.watchdog.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = config.address.rpartition(":")[0]
@@ -153,7 +164,7 @@ def running_server(
         )
     try:
         yield RunningServer(
-            port, f"{host}:{port}", core, server, health_servicer, tls=credentials is not None, recovered=tuple(recovered),
+            port, f"{host}:{port}", core, server, health_servicer, limits, tls=credentials is not None, recovered=tuple(recovered),
             registry=registry, admin_token_file=admin.source if admin else None, admin_token_generated=admin_generated,
         )  # fmt: skip
     finally:
@@ -167,6 +178,7 @@ def running_server(
         in_flight.wait_idle(grace)
         server.stop(0)  # what is left cannot be work: health Watch streams
         stopped.wait()
+        limits.watchdog.stop()
         if store is not None:
             store.close()
             logger.info("state written to %s", config.state_dir)

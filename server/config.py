@@ -16,6 +16,9 @@ TOML layout (job keys are flat, like the CLI flags):
     client_ca = "certs/ca.pem"  # optional: require client certificates (mTLS)
     state_dir = "state"         # relative to the file
     auth = true                 # enrolled clients only (needs state_dir)
+    max_concurrent_streams = 48     # limits: see server/limits.py
+    rate_limit_per_s = 2.0
+    stream_timeout_s = 600
 
     [[jobs]]
     id = "default"
@@ -52,6 +55,10 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _positive(name: str, value: float) -> None:
@@ -203,6 +210,14 @@ class SecAggConfig:
 
 
 _SECAGG_KEYS = {f.name for f in fields(SecAggConfig)}
+SERVER_KEYS = frozenset(
+    {
+        "address", "max_workers", "insecure", "state_dir", "grace_period_s", "auth", "admin_token_file",
+        "max_concurrent_streams", "rate_limit_per_s", "rate_limit_burst", "stream_timeout_s", "stream_idle_timeout_s",
+        "checkpoint_every", "keep_checkpoints", "keep_log_entries",
+    }
+)  # fmt: skip
+"""Server-level keys besides the [tls] table (TOML top level; CLI flags that also apply with --config)."""
 
 
 @dataclass(frozen=True)
@@ -386,6 +401,17 @@ class ServerConfig:
     enrolled in; adds the Admin service. Needs state_dir (the registry lives there)."""
     admin_token_file: Path | None = None
     """File holding the admin token; None: `<state_dir>/admin.token`, generated at first start."""
+    max_concurrent_streams: int | None = None
+    """Streams and long waits in flight at once (server/limits.py says which
+    RPCs count); more are refused with RESOURCE_EXHAUSTED. None: see `stream_limit`."""
+    rate_limit_per_s: float | None = None
+    """Requests a second each client id may make to Push and JoinCohort; None: no limit."""
+    rate_limit_burst: int | None = None
+    """Requests a client may save up; None: one second's worth (at least 1)."""
+    stream_timeout_s: float = 600.0
+    """Longest a stream may stay open, from its first message."""
+    stream_idle_timeout_s: float = 60.0
+    """Longest a stream may go without a message before it is cut off."""
 
     def __post_init__(self) -> None:
         if self.state_dir is not None and not isinstance(self.state_dir, Path):
@@ -416,6 +442,7 @@ class ServerConfig:
             raise ConfigError(f"address must be host:port, got {self.address!r}")
         if not (isinstance(self.max_workers, int) and not isinstance(self.max_workers, bool) and self.max_workers >= 2):
             raise ConfigError(f"max_workers must be an integer >= 2, got {self.max_workers!r}")
+        self._check_limits()
         if not self.jobs:
             raise ConfigError("the server needs at least one job")
         for job in self.jobs:
@@ -430,6 +457,12 @@ class ServerConfig:
                     f"job {job.job_id!r}: clients_per_round={job.strategy.clients_per_round} needs more than "
                     f"max_workers={self.max_workers} RPC threads (each client waiting for a round holds one); "
                     "raise max_workers"
+                )
+            if job.secure_aggregation is not None and job.secure_aggregation.cohort_size > self.stream_limit:
+                raise ConfigError(
+                    f"job {job.job_id!r}: cohort_size={job.secure_aggregation.cohort_size} members must wait in "
+                    f"JoinCohort at once for a cohort to form, above max_concurrent_streams={self.stream_limit}; "
+                    "raise max_concurrent_streams (or max_workers)"
                 )
         ids = [job.job_id for job in self.jobs]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
@@ -447,6 +480,39 @@ class ServerConfig:
                 "or the --tls-* flags ([tls] table) to serve plaintext"
             )
 
+    def _check_limits(self) -> None:
+        streams = self.max_concurrent_streams
+        if streams is not None and not (_is_int(streams) and 1 <= streams < self.max_workers):
+            raise ConfigError(
+                f"max_concurrent_streams must be an integer from 1 to max_workers - 1 = {self.max_workers - 1} "
+                f"(threads must stay free for quick calls and cohort steps), got {streams!r}; "
+                "lower it or raise max_workers"
+            )
+        if self.rate_limit_per_s is not None:
+            _positive("rate_limit_per_s", self.rate_limit_per_s)
+        if self.rate_limit_burst is not None:
+            if self.rate_limit_per_s is None:
+                raise ConfigError("rate_limit_burst only applies with rate_limit_per_s")
+            if not (_is_int(self.rate_limit_burst) and self.rate_limit_burst >= 1):
+                raise ConfigError(f"rate_limit_burst must be an integer >= 1, got {self.rate_limit_burst!r}")
+        _positive("stream_timeout_s", self.stream_timeout_s)
+        _positive("stream_idle_timeout_s", self.stream_idle_timeout_s)
+
+    @property
+    def stream_limit(self) -> int:
+        """max_concurrent_streams, or by default max_workers - 16 (half of them
+        for small pools), leaving threads for quick calls and cohort steps."""
+        if self.max_concurrent_streams is not None:
+            return self.max_concurrent_streams
+        return max(self.max_workers // 2, self.max_workers - 16)
+
+    @property
+    def rate_burst(self) -> int:
+        """rate_limit_burst, or one second's worth of requests (at least 1)."""
+        if self.rate_limit_burst is not None:
+            return self.rate_limit_burst
+        return max(1, math.ceil(self.rate_limit_per_s or 1.0))
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ServerConfig:
         """Build from the TOML top level or the server flags: address, max_workers,
@@ -455,7 +521,7 @@ class ServerConfig:
         jobs = values.pop("jobs", None)
         tls = values.pop("tls", None)
         retention = {k: values.pop(k) for k in list(values) if k in _RETENTION_KEYS and values[k] is not None}
-        unknown = set(values) - {"address", "max_workers", "insecure", "state_dir", "grace_period_s", "auth", "admin_token_file"} - _RETENTION_KEYS
+        unknown = set(values) - SERVER_KEYS
         if unknown:
             raise ConfigError(f"unknown server setting(s): {', '.join(sorted(unknown))}")
         for key in ("state_dir", "admin_token_file"):

@@ -7,7 +7,11 @@
     |   +-- StaleUpdate          staleness above max_staleness
     |   +-- UnknownVersion       base version the server never published
     |   +-- RoundClosed          fedavg: the round this update was for is over
-    +-- LimitExceeded            over a configured size limit
+    +-- LimitExceeded            over a configured size limit; retrying cannot help
+    |   +-- RetryLater           over a load limit (rate, concurrent streams); may
+    |                            succeed after `retry_after_s`
+    +-- StreamDeadlineExceeded   a stream ran past stream_timeout_s or went quiet
+    |                            for longer than stream_idle_timeout_s
     +-- IdempotencyConflict      key reused for a different update
     +-- NotAuthenticated         no credential, or one the server does not accept
     +-- PermissionDenied         a known credential, not allowed to do this
@@ -58,6 +62,19 @@ class RoundClosed(PreconditionFailed):
 
 
 class LimitExceeded(ServerError):
+    pass
+
+
+class RetryLater(LimitExceeded):
+    """A load limit: the same request may be accepted after `retry_after_s`
+    (the servicer passes it on in the `grpc-retry-pushback-ms` trailer)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StreamDeadlineExceeded(ServerError):
     pass
 
 

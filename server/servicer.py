@@ -2,17 +2,26 @@
 
 `_STATUS_BY_ERROR` is the one table that turns the server's exceptions into
 gRPC status codes; the message is passed through for the person reading it.
+A refusal that may succeed later (`RetryLater`: rate limit, concurrent streams)
+also carries its hint in the `grpc-retry-pushback-ms` trailer (gRFC A6), which
+tells a client to back off and retry, where a size limit carries none.
+
+Every RPC that names a client calls `self._admit_client(client_id)` before it
+does any work, so the per-client rate limit covers it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import grpc
 
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
+from proto.metadata import RETRY_PUSHBACK_MS
 import numpy as np
 
 from proto.tensors import MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
@@ -29,10 +38,13 @@ from server.errors import (
     NotAuthenticated,
     PermissionDenied,
     PreconditionFailed,
+    RetryLater,
     ServerError,
+    StreamDeadlineExceeded,
     Unavailable,
     UnknownClient,
 )
+from server.limits import ServerLimits
 from server.secagg import CohortAborted
 
 _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -48,7 +60,9 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (ClientAlreadyEnrolled, grpc.StatusCode.ALREADY_EXISTS),
     (UnknownClient, grpc.StatusCode.NOT_FOUND),
+    (StreamDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
+_REFUSALS = (ServerError, MalformedPayload, ProtocolViolation, CohortAborted)
 _STRATEGY_KIND = {
     "fedasync": pb.STRATEGY_KIND_FEDASYNC,
     "fedbuff": pb.STRATEGY_KIND_FEDBUFF,
@@ -64,11 +78,21 @@ class TributaryServicer(pb_grpc.TributaryServicer):
     names; the interceptor has already checked the token itself."""
 
     def __init__(
-        self, core: AggregationCore, cohorts: dict[str, CohortManager] | None = None, authorizer: Authorizer | None = None
+        self,
+        core: AggregationCore,
+        cohorts: dict[str, CohortManager] | None = None,
+        authorizer: Authorizer | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         self._core = core
         self._cohorts = cohorts or {}
         self._authorizer = authorizer
+        self._limits = limits
+
+    def _admit_client(self, client_id: str) -> None:
+        """The per-client rate limit; RPCs that name a client call this first."""
+        if self._limits is not None:
+            self._limits.check_client(client_id)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobInfo:
         with _status_on_error(context):
@@ -113,6 +137,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             self._authorize(context, message.job_id, message.client_id)
             job = self._core.job(message.job_id)
             _check_id("client_id", message.client_id)
+            self._admit_client(message.client_id)
             _check_id("idempotency_key", message.idempotency_key)
             specs = specs_from_pb(message.header)
             header = UpdateHeader(
@@ -146,6 +171,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             _check_id("client_id", request.client_id)
             if not request.client_id:
                 raise InvalidUpdate("client_id is empty; a member must name itself to join a cohort")
+            self._admit_client(request.client_id)
             joined = manager.join(request.client_id, min(request.wait_timeout_ms / 1000.0, MAX_LONG_POLL_S))
             if joined is None:
                 return pb.CohortPlanMessage(formed=False)
@@ -210,11 +236,13 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             manager = self._manager(ref.job_id)
             length = manager.job.vector_length + 1
             assembler = PayloadAssembler([TensorSpec("masked", np.dtype("<u4"), (length,))])
-            for request in request_iterator:
-                if request.WhichOneof("kind") != "chunk":
-                    raise InvalidUpdate("a masked upload carries one `header`, then only `chunk` messages")
-                assembler.add(request.chunk.data)
             try:
+                # each chunk is checked as it comes: a stream longer than the
+                # vector is refused at the first byte too many
+                for request in request_iterator:
+                    if request.WhichOneof("kind") != "chunk":
+                        raise InvalidUpdate("a masked upload carries one `header`, then only `chunk` messages")
+                    assembler.add(request.chunk.data)
                 vector = assembler.finish()["masked"]
             except MalformedPayload as error:
                 raise InvalidUpdate(f"masked input must be {length} uint32 values ({4 * length} bytes): {error}") from error
@@ -265,7 +293,7 @@ def _ack(job_id: str, outcome: PushOutcome) -> pb.PushAck:
     )
 
 
-def status_code_for(error: Exception) -> grpc.StatusCode | None:
+def status_code_for(error: BaseException) -> grpc.StatusCode | None:
     """The status a refusal maps to, from the one table (None: not a refusal)."""
     for error_type, code in _STATUS_BY_ERROR:
         if isinstance(error, error_type):
@@ -277,10 +305,20 @@ def status_code_for(error: Exception) -> grpc.StatusCode | None:
 def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[str], None] | None = None) -> Iterator[None]:
     try:
         yield
-    except (ServerError, MalformedPayload, ProtocolViolation, CohortAborted) as error:
-        code = status_code_for(error)
-        if code is not None:
-            if on_reject is not None:
-                on_reject(type(error).__name__)
-            context.abort(code, str(error))
-        raise  # a ServerError subclass missing from the table is our bug: surface it as UNKNOWN
+    except _REFUSALS as error:
+        if on_reject is not None and status_code_for(error) is not None:
+            on_reject(type(error).__name__)
+        abort_with_error(context, error)
+
+
+def abort_with_error(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
+    """End the call with the status `_STATUS_BY_ERROR` gives `error`, its
+    message, and for RetryLater the pushback trailer. An error missing from the
+    table is our bug: it is re-raised, and gRPC reports UNKNOWN."""
+    code = status_code_for(error)
+    if code is None:
+        raise error
+    if isinstance(error, RetryLater):
+        context.set_trailing_metadata(((RETRY_PUSHBACK_MS, str(max(1, math.ceil(error.retry_after_s * 1000)))),))
+    context.abort(code, str(error))
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

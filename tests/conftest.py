@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,19 +24,23 @@ def small_model(seed: int = 0) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., RunningServer]]:
-    """serve(*job_configs, models={job_id: tensors}, tls=None) -> RunningServer on 127.0.0.1:0.
+    """serve(*job_configs, models={job_id: tensors}, tls=None, **server_settings) -> RunningServer on 127.0.0.1:0.
 
-    Jobs default to one fedbuff job named "default" serving `small_model()`.
+    Jobs default to one fedbuff job named "default" serving `small_model()`;
+    server_settings are further ServerConfig fields (max_workers, limits).
     Without `tls` the server talks plaintext (insecure=True): clients of it
     pass insecure=True too. Servers are stopped when the test ends.
     """
     stack = contextlib.ExitStack()
 
     def start(
-        *jobs: JobConfig, models: Mapping[str, Mapping[str, np.ndarray]] | None = None, tls: TLSConfig | None = None
+        *jobs: JobConfig,
+        models: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        tls: TLSConfig | None = None,
+        **server_settings: Any,
     ) -> RunningServer:
         jobs = jobs or (JobConfig(),)
-        config = ServerConfig(address="127.0.0.1:0", jobs=tuple(jobs), tls=tls, insecure=tls is None)
+        config = ServerConfig(address="127.0.0.1:0", jobs=tuple(jobs), tls=tls, insecure=tls is None, **server_settings)
         models = models or {job.job_id: small_model() for job in jobs}
         return stack.enter_context(running_server(config, models, grace_s=0.5))
 

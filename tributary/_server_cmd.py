@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from server import ConfigError, ServerConfig
+from server.config import SERVER_KEYS
 from server.app import load_initial_models, running_server
 
 _JOB_FLAGS = (
@@ -21,8 +22,7 @@ _JOB_FLAGS = (
     "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
 )
 
-_RETENTION_FLAGS = ("checkpoint_every", "keep_checkpoints", "keep_log_entries")
-_SERVER_FLAGS = ("address", "max_workers", "state_dir", "grace_period_s", "auth", "admin_token_file", *_RETENTION_FLAGS)
+_SERVER_FLAGS = tuple(sorted(SERVER_KEYS - {"insecure"}))  # --insecure goes with the TLS flags
 """Server-wide flags: they also apply with --config, overriding the file."""
 
 _FLAG_NAMES = {"job_id": "--job", "forming_timeout_s": "--forming-timeout", "phase_timeout_s": "--phase-timeout", "upload_timeout_s": "--upload-timeout"}

@@ -384,3 +384,125 @@ def test_secure_aggregation_settings_are_checked() -> None:
         JobConfig.from_mapping({"secure_aggregation": True, "strategy": "fedavg"})
     with pytest.raises(ConfigError, match="no scale >= 1 fits"):
         JobConfig.from_mapping({"secure_aggregation": True, "ring_bits": 8, "clip_bound": 100.0})
+
+
+# -- server limits ---------------------------------------------------------------
+
+
+def test_limits_default_and_from_mapping(tmp_path: Path) -> None:
+    default = ServerConfig(insecure=True)
+    assert (default.max_concurrent_streams, default.stream_limit) == (None, 240)
+    assert (default.rate_limit_per_s, default.stream_timeout_s, default.stream_idle_timeout_s) == (None, 600.0, 60.0)
+    assert ServerConfig(max_workers=8, insecure=True).stream_limit == 4  # small pools keep half their threads free
+    config = ServerConfig.from_mapping(
+        {
+            "max_workers": 32,
+            "max_concurrent_streams": 20,
+            "rate_limit_per_s": 2.5,
+            "rate_limit_burst": 4,
+            "stream_timeout_s": 120,
+            "stream_idle_timeout_s": 15.5,
+            "insecure": True,
+        }
+    )
+    assert (config.stream_limit, config.rate_limit_per_s, config.rate_burst) == (20, 2.5, 4)
+    assert (config.stream_timeout_s, config.stream_idle_timeout_s) == (120, 15.5)
+    assert ServerConfig(rate_limit_per_s=2.5, insecure=True).rate_burst == 3  # one second's worth
+    assert ServerConfig(rate_limit_per_s=0.1, insecure=True).rate_burst == 1
+    path = tmp_path / "limits.toml"
+    path.write_text("insecure = true\nmax_workers = 64\nmax_concurrent_streams = 40\nrate_limit_per_s = 1\nstream_idle_timeout_s = 30\n")
+    from_toml = ServerConfig.from_toml(path)
+    assert (from_toml.stream_limit, from_toml.rate_limit_per_s, from_toml.stream_idle_timeout_s) == (40, 1, 30)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"max_concurrent_streams": 0}, r"max_concurrent_streams must be an integer from 1 to max_workers - 1 = 255 .* got 0"),
+        ({"max_concurrent_streams": 256}, r"max_concurrent_streams must be .* got 256; lower it or raise max_workers"),
+        ({"max_workers": 8, "max_concurrent_streams": 8}, r"from 1 to max_workers - 1 = 7"),
+        ({"max_concurrent_streams": 2.5}, r"max_concurrent_streams must be an integer .* got 2.5"),
+        ({"max_concurrent_streams": True}, r"max_concurrent_streams must be an integer"),
+        ({"rate_limit_per_s": 0}, r"rate_limit_per_s must be a positive number, got 0"),
+        ({"rate_limit_per_s": "fast"}, r"rate_limit_per_s must be a positive number, got 'fast'"),
+        ({"rate_limit_per_s": math.inf}, r"rate_limit_per_s must be a positive number, got inf"),
+        ({"rate_limit_burst": 3}, r"rate_limit_burst only applies with rate_limit_per_s"),
+        ({"rate_limit_per_s": 1, "rate_limit_burst": 0}, r"rate_limit_burst must be an integer >= 1, got 0"),
+        ({"rate_limit_per_s": 1, "rate_limit_burst": 1.5}, r"rate_limit_burst must be an integer >= 1, got 1.5"),
+        ({"stream_timeout_s": 0}, r"stream_timeout_s must be a positive number, got 0"),
+        ({"stream_idle_timeout_s": -1}, r"stream_idle_timeout_s must be a positive number, got -1"),
+        ({"stream_idle_timeout_s": math.nan}, r"stream_idle_timeout_s must be a positive number, got nan"),
+        ({"max_concurent_streams": 3}, r"unknown server setting\(s\): max_concurent_streams"),
+    ],
+)
+def test_bad_limits_are_rejected_naming_the_key(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig.from_mapping(values)
+
+
+def test_a_cohort_must_fit_the_stream_limit() -> None:
+    from server.config import SecAggConfig
+
+    job = JobConfig(secure_aggregation=SecAggConfig(cohort_size=8))
+    with pytest.raises(ConfigError, match=r"cohort_size=8 members must wait in JoinCohort at once .* above max_concurrent_streams=7"):
+        ServerConfig(max_workers=64, max_concurrent_streams=7, jobs=(job,), insecure=True)
+    with pytest.raises(ConfigError, match=r"above max_concurrent_streams=6; raise max_concurrent_streams \(or max_workers\)"):
+        ServerConfig(max_workers=12, jobs=(job,), insecure=True)
+    assert ServerConfig(max_workers=64, max_concurrent_streams=8, jobs=(job,), insecure=True).stream_limit == 8
+
+
+# -- the server command's flags ------------------------------------------------------
+
+
+def command_options(**given: Any) -> dict[str, Any]:
+    """What click hands `tributary server`: every option, None where not given."""
+    from tributary.cli import server
+
+    options: dict[str, Any] = {param.name: None for param in server.params if param.name is not None}
+    options["seed"] = 0
+    options["insecure"] = True
+    options.update(given)
+    return options
+
+
+def test_limit_flags_reach_the_config() -> None:
+    from tributary._server_cmd import build_config
+
+    config, _ = build_config(
+        command_options(
+            task="digits",
+            max_workers=32,
+            max_concurrent_streams=10,
+            rate_limit_per_s=3.0,
+            rate_limit_burst=6,
+            stream_timeout_s=90.0,
+            stream_idle_timeout_s=9.0,
+        )
+    )
+    assert (config.stream_limit, config.rate_limit_per_s, config.rate_burst) == (10, 3.0, 6)
+    assert (config.stream_timeout_s, config.stream_idle_timeout_s) == (90.0, 9.0)
+
+
+def test_limit_flags_override_a_config_file(tmp_path: Path) -> None:
+    from tributary._server_cmd import build_config
+
+    path = tmp_path / "server.toml"
+    path.write_text('insecure = true\nmax_workers = 64\nmax_concurrent_streams = 40\nstream_timeout_s = 100\n[[jobs]]\nid = "a"\n')
+    config, _ = build_config(command_options(config_path=path, max_concurrent_streams=20, rate_limit_per_s=1.0))
+    assert (config.max_workers, config.stream_limit, config.stream_timeout_s, config.rate_limit_per_s) == (64, 20, 100, 1.0)
+    assert [job.job_id for job in config.jobs] == ["a"]
+    with pytest.raises(ConfigError, match="max_concurrent_streams must be an integer from 1 to max_workers - 1 = 63"):
+        build_config(command_options(config_path=path, max_concurrent_streams=64))
+
+
+def test_bad_limit_flags_are_named() -> None:
+    from click.testing import CliRunner
+
+    from tributary.cli import main
+
+    result = CliRunner().invoke(main, ["server", "--task", "digits", "--rate-limit", "-1"])
+    assert result.exit_code != 0
+    assert "rate_limit_per_s must be a positive number, got -1.0" in result.output
+    result = CliRunner().invoke(main, ["server", "--task", "digits", "--max-workers", "8", "--max-concurrent-streams", "8"])
+    assert result.exit_code != 0
+    assert "max_concurrent_streams must be an integer from 1 to max_workers - 1 = 7" in result.output
