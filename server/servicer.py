@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NoReturn
 
 import grpc
@@ -212,9 +212,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             ref = request.sender
             self._authorize(context, ref.job_id)
             manager = self._manager(ref.job_id)
-            sealed = {share.peer: share.blob for share in request.shares}
-            if len(sealed) != len(request.shares):
-                raise InvalidUpdate("each receiver may appear once among the sealed shares")
+            sealed = _by_peer(request.shares, "sealed shares", who="receiver")
             mine = manager.share(ref.cohort_id, ref.member, ref.token, SealedShares(ref.cohort_id, ref.member, sealed))
             return pb.SharesForMember(shares=[pb.SealedShare(peer=p, blob=b) for p, b in sorted(mine.items())])
         raise AssertionError("unreachable")  # pragma: no cover
@@ -258,8 +256,8 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             response = UnmaskResponse(
                 ref.cohort_id,
                 ref.member,
-                {s.peer: s.blob for s in request.self_mask_shares},
-                {s.peer: s.blob for s in request.mask_key_shares},
+                _by_peer(request.self_mask_shares, "self-mask shares"),
+                _by_peer(request.mask_key_shares, "mask-key shares"),
             )
             version = manager.unmask(ref.cohort_id, ref.member, ref.token, response)
             return pb.CohortOutcome(version=version)
@@ -275,6 +273,18 @@ class TributaryServicer(pb_grpc.TributaryServicer):
         if manager is None:
             raise PreconditionFailed(f"job {job.job_id!r} does not run secure aggregation; push updates in plaintext")
         return manager
+
+
+def _by_peer(shares: Iterable[pb.SealedShare], what: str, who: str = "peer") -> dict[int, bytes]:
+    """Shares keyed by peer. A peer listed twice is refused, never collapsed:
+    which of the two blobs would be kept is arbitrary, and a member whose
+    message is dropped in part cannot tell why its cohort failed."""
+    by_peer: dict[int, bytes] = {}
+    for share in shares:
+        if share.peer in by_peer:
+            raise InvalidUpdate(f"each {who} may appear once among the {what}; member {share.peer} appears twice")
+        by_peer[share.peer] = share.blob
+    return by_peer
 
 
 def _check_id(field: str, value: str) -> None:

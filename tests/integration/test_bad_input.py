@@ -13,8 +13,10 @@ from client_sdk import Client, JobNotFound, NotAcceptedNow, UpdateRejected
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import header_to_pb, iter_chunks, specs_of
-from server import JobConfig, StrategyConfig
-from server.app import RunningServer
+from proto.secagg import shamir
+from server import JobConfig, ServerConfig, StrategyConfig
+from server.app import RunningServer, running_server
+from server.config import SecAggConfig, StalenessConfig
 from tests.conftest import small_model
 
 FEDASYNC = StrategyConfig(name="fedasync", alpha=0.5)
@@ -275,3 +277,38 @@ def test_finite_update_that_would_overflow_the_model(serve) -> None:  # type: ig
             client.push(0, {"w": np.full(4, 3e38, np.float32)})
         assert client.pull().version == 0
         assert client.push(0, {"w": np.full(4, -1e38, np.float32)}).version_after == 1
+
+
+def test_unmask_response_naming_a_peer_twice_is_refused_and_kept_nowhere() -> None:
+    """Found by tests/fuzz: the server collapsed a peer listed twice in an
+    unmasking response (the last blob won), so a response it should refuse
+    took the member's place and the cohort aborted. It is now refused with
+    INVALID_ARGUMENT before anything is kept, like duplicate sealed shares."""
+    from tests.fuzz.cohort import HonestCohort
+
+    model = small_model()
+    secure = JobConfig(
+        strategy=StrategyConfig(name="fedbuff"),
+        staleness=StalenessConfig(kind="constant"),
+        secure_aggregation=SecAggConfig(cohort_size=3, forming_timeout_s=30.0, phase_timeout_s=30.0, upload_timeout_s=30.0, clip_bound=64.0),
+    )
+    size = sum(t.size for t in model.values())
+    deltas = [np.random.default_rng(i).uniform(-1, 1, size).astype(np.float32) for i in range(3)]
+    config = ServerConfig(address="127.0.0.1:0", jobs=(secure,))
+    with running_server(config, {"default": model}, grace_s=0.5) as running, grpc.insecure_channel(running.address) as channel:
+        cohort = HonestCohort(channel, "default", 0, deltas, [1, 2, 3])
+        while cohort.phase != "unmasking":
+            cohort.step()
+        own = cohort.refs[0]
+        share = pb.SealedShare(peer=own.member, blob=shamir.Share(1, 5).to_bytes())
+        for field in ("self_mask_shares", "mask_key_shares"):
+            twice = pb.UnmaskResponseMessage(sender=own, **{field: [share, share]})
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.TributaryStub(channel).Unmask(twice, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"member {own.member} appears twice" in caught.value.details()
+        cohort.step()  # the member's own answer is still the one that counts
+        assert cohort.unmask_outcomes == [1, 1, 1]
+        snapshot = running.core.job("default").snapshot()
+        for name, expected in cohort.expected_aggregate(model).items():
+            np.testing.assert_allclose(snapshot.tensors[name], expected, atol=1e-4)
