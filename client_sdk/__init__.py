@@ -11,11 +11,12 @@ Low level (numpy or torch tensors, for apps with their own loop)::
 
     model = client.pull()                       # PulledModel(version, tensors)
     client.push(model.version, delta, num_samples=n)
+    client.heartbeat("training")                # presence; fit() sends these itself
 
 Everything not listed in `__all__` is private and may change.
 """
 
-from client_sdk._client import Client, JobDescription, PulledModel, PushResult, RetryPolicy
+from client_sdk._client import Client, ClientState, HeartbeatReply, JobDescription, PulledModel, PushResult, RetryPolicy
 from client_sdk._errors import (
     CohortAborted,
     JobNotFound,
@@ -31,8 +32,10 @@ from client_sdk._training import FitSummary, TrainFn, fit, load_into, model_arra
 
 __all__ = [
     "Client",
+    "ClientState",
     "CohortAborted",
     "FitSummary",
+    "HeartbeatReply",
     "JobDescription",
     "JobNotFound",
     "LimitExceeded",

@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/tributary.proto\x12\x0ctributary.v1\"M\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.tributary.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"P\n\x0cTensorHeader\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.tributary.v1.TensorSpec\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xff\x01\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\x08strategy\x18\x02 \x01(\x0e\x32\x1a.tributary.v1.StrategyKind\x12\x13\n\x0bsynchronous\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12)\n\x05model\x18\x05 \x01(\x0b\x32\x1a.tributary.v1.TensorHeader\x12\x15\n\rmax_staleness\x18\x06 \x01(\x04\x12\x18\n\x10updates_accepted\x18\x07 \x01(\x04\x12\x18\n\x10max_update_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12secure_aggregation\x18\t \x01(\x08\"K\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bmin_version\x18\x02 \x01(\x04\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\r\"h\n\x0cPullResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x19.tributary.v1.ModelHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.tributary.v1.ChunkH\x00\x42\x06\n\x04kind\"Z\n\x0bModelHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12*\n\x06header\x18\x03 \x01(\x0b\x32\x1a.tributary.v1.TensorHeader\"i\n\x0bPushRequest\x12,\n\x06update\x18\x01 \x01(\x0b\x32\x1a.tributary.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.tributary.v1.ChunkH\x00\x42\x06\n\x04kind\"\xa1\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12*\n\x06header\x18\x06 \x01(\x0b\x32\x1a.tributary.v1.TensorHeader\"\x8c\x01\n\x07PushAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\x12version_at_arrival\x18\x02 \x01(\x04\x12\x11\n\tstaleness\x18\x03 \x01(\x04\x12\x18\n\x10staleness_weight\x18\x04 \x01(\x01\x12\x15\n\rversion_after\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x08\"O\n\x11JoinCohortRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\r\"J\n\rStalenessRule\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\t\n\x01\x61\x18\x02 \x01(\x01\x12\t\n\x01\x62\x18\x03 \x01(\x01\x12\x15\n\rmax_staleness\x18\x04 \x01(\x04\"\x97\x02\n\x11\x43ohortPlanMessage\x12\x0e\n\x06\x66ormed\x18\x01 \x01(\x08\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\x0c\x12\x0f\n\x07members\x18\x05 \x03(\r\x12\x12\n\nneighbours\x18\x06 \x03(\r\x12\x11\n\tthreshold\x18\x07 \x01(\r\x12\x15\n\rmin_survivors\x18\r \x01(\r\x12\x0c\n\x04\x62its\x18\x08 \x01(\r\x12\r\n\x05scale\x18\t \x01(\x01\x12\r\n\x05\x62ound\x18\n \x01(\x01\x12\x15\n\rvector_length\x18\x0b \x01(\x04\x12.\n\tstaleness\x18\x0c \x01(\x0b\x32\x1b.tributary.v1.StalenessRule\"M\n\tMemberRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\x0c\"`\n\x10KeyAdvertMessage\x12\'\n\x06sender\x18\x01 \x01(\x0b\x32\x17.tributary.v1.MemberRef\x12\x11\n\tshare_key\x18\x02 \x01(\x0c\x12\x10\n\x08mask_key\x18\x03 \x01(\x0c\"C\n\x0cNeighbourKey\x12\x0e\n\x06member\x18\x01 \x01(\r\x12\x11\n\tshare_key\x18\x02 \x01(\x0c\x12\x10\n\x08mask_key\x18\x03 \x01(\x0c\"9\n\rNeighbourKeys\x12(\n\x04keys\x18\x01 \x03(\x0b\x32\x1a.tributary.v1.NeighbourKey\")\n\x0bSealedShare\x12\x0c\n\x04peer\x18\x01 \x01(\r\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\"i\n\x13SealedSharesMessage\x12\'\n\x06sender\x18\x01 \x01(\x0b\x32\x17.tributary.v1.MemberRef\x12)\n\x06shares\x18\x02 \x03(\x0b\x32\x19.tributary.v1.SealedShare\"<\n\x0fSharesForMember\x12)\n\x06shares\x18\x01 \x03(\x0b\x32\x19.tributary.v1.SealedShare\"\x1d\n\nUploadSlot\x12\x0f\n\x07version\x18\x01 \x01(\x04\"m\n\x12MaskedInputRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tributary.v1.MemberRefH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.tributary.v1.ChunkH\x00\x42\x06\n\x04kind\":\n\x14UnmaskRequestMessage\x12\x11\n\tsurvivors\x18\x01 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\r\"\xa9\x01\n\x15UnmaskResponseMessage\x12\'\n\x06sender\x18\x01 \x01(\x0b\x32\x17.tributary.v1.MemberRef\x12\x33\n\x10self_mask_shares\x18\x02 \x03(\x0b\x32\x19.tributary.v1.SealedShare\x12\x32\n\x0fmask_key_shares\x18\x03 \x03(\x0b\x32\x19.tributary.v1.SealedShare\"3\n\rCohortOutcome\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tsurvivors\x18\x02 \x01(\r*\x9c\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x10\n\x0c\x44TYPE_UINT32\x10\x07*~\n\x0cStrategyKind\x12\x1d\n\x19STRATEGY_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16STRATEGY_KIND_FEDASYNC\x10\x01\x12\x19\n\x15STRATEGY_KIND_FEDBUFF\x10\x02\x12\x18\n\x14STRATEGY_KIND_FEDAVG\x10\x03\x32\x9b\x05\n\tTributary\x12<\n\x06GetJob\x12\x1b.tributary.v1.GetJobRequest\x1a\x15.tributary.v1.JobInfo\x12?\n\x04Pull\x12\x19.tributary.v1.PullRequest\x1a\x1a.tributary.v1.PullResponse0\x01\x12:\n\x04Push\x12\x19.tributary.v1.PushRequest\x1a\x15.tributary.v1.PushAck(\x01\x12N\n\nJoinCohort\x12\x1f.tributary.v1.JoinCohortRequest\x1a\x1f.tributary.v1.CohortPlanMessage\x12L\n\rAdvertiseKeys\x12\x1e.tributary.v1.KeyAdvertMessage\x1a\x1b.tributary.v1.NeighbourKeys\x12M\n\tShareKeys\x12!.tributary.v1.SealedSharesMessage\x1a\x1d.tributary.v1.SharesForMember\x12\x42\n\rGetUploadSlot\x12\x17.tributary.v1.MemberRef\x1a\x18.tributary.v1.UploadSlot\x12V\n\x0cUploadMasked\x12 .tributary.v1.MaskedInputRequest\x1a\".tributary.v1.UnmaskRequestMessage(\x01\x12J\n\x06Unmask\x12#.tributary.v1.UnmaskResponseMessage\x1a\x1b.tributary.v1.CohortOutcomeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/tributary.proto\x12\x0ctributary.v1\"M\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.tributary.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"P\n\x0cTensorHeader\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.tributary.v1.TensorSpec\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xff\x01\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12,\n\x08strategy\x18\x02 \x01(\x0e\x32\x1a.tributary.v1.StrategyKind\x12\x13\n\x0bsynchronous\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12)\n\x05model\x18\x05 \x01(\x0b\x32\x1a.tributary.v1.TensorHeader\x12\x15\n\rmax_staleness\x18\x06 \x01(\x04\x12\x18\n\x10updates_accepted\x18\x07 \x01(\x04\x12\x18\n\x10max_update_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12secure_aggregation\x18\t \x01(\x08\"K\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bmin_version\x18\x02 \x01(\x04\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\r\"h\n\x0cPullResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x19.tributary.v1.ModelHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.tributary.v1.ChunkH\x00\x42\x06\n\x04kind\"Z\n\x0bModelHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12*\n\x06header\x18\x03 \x01(\x0b\x32\x1a.tributary.v1.TensorHeader\"i\n\x0bPushRequest\x12,\n\x06update\x18\x01 \x01(\x0b\x32\x1a.tributary.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.tributary.v1.ChunkH\x00\x42\x06\n\x04kind\"\xa1\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12*\n\x06header\x18\x06 \x01(\x0b\x32\x1a.tributary.v1.TensorHeader\"\x8c\x01\n\x07PushAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\x12version_at_arrival\x18\x02 \x01(\x04\x12\x11\n\tstaleness\x18\x03 \x01(\x04\x12\x18\n\x10staleness_weight\x18\x04 \x01(\x01\x12\x15\n\rversion_after\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x08\"u\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.tributary.v1.ClientState\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\"R\n\x0cHeartbeatAck\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0eserver_time_ms\x18\x02 \x01(\x04\x12\x19\n\x11next_heartbeat_ms\x18\x03 \x01(\r\"O\n\x11JoinCohortRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\r\"J\n\rStalenessRule\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\t\n\x01\x61\x18\x02 \x01(\x01\x12\t\n\x01\x62\x18\x03 \x01(\x01\x12\x15\n\rmax_staleness\x18\x04 \x01(\x04\"\x97\x02\n\x11\x43ohortPlanMessage\x12\x0e\n\x06\x66ormed\x18\x01 \x01(\x08\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\x0c\x12\x0f\n\x07members\x18\x05 \x03(\r\x12\x12\n\nneighbours\x18\x06 \x03(\r\x12\x11\n\tthreshold\x18\x07 \x01(\r\x12\x15\n\rmin_survivors\x18\r \x01(\r\x12\x0c\n\x04\x62its\x18\x08 \x01(\r\x12\r\n\x05scale\x18\t \x01(\x01\x12\r\n\x05\x62ound\x18\n \x01(\x01\x12\x15\n\rvector_length\x18\x0b \x01(\x04\x12.\n\tstaleness\x18\x0c \x01(\x0b\x32\x1b.tributary.v1.StalenessRule\"M\n\tMemberRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\r\x12\r\n\x05token\x18\x04 \x01(\x0c\"`\n\x10KeyAdvertMessage\x12\'\n\x06sender\x18\x01 \x01(\x0b\x32\x17.tributary.v1.MemberRef\x12\x11\n\tshare_key\x18\x02 \x01(\x0c\x12\x10\n\x08mask_key\x18\x03 \x01(\x0c\"C\n\x0cNeighbourKey\x12\x0e\n\x06member\x18\x01 \x01(\r\x12\x11\n\tshare_key\x18\x02 \x01(\x0c\x12\x10\n\x08mask_key\x18\x03 \x01(\x0c\"9\n\rNeighbourKeys\x12(\n\x04keys\x18\x01 \x03(\x0b\x32\x1a.tributary.v1.NeighbourKey\")\n\x0bSealedShare\x12\x0c\n\x04peer\x18\x01 \x01(\r\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\"i\n\x13SealedSharesMessage\x12\'\n\x06sender\x18\x01 \x01(\x0b\x32\x17.tributary.v1.MemberRef\x12)\n\x06shares\x18\x02 \x03(\x0b\x32\x19.tributary.v1.SealedShare\"<\n\x0fSharesForMember\x12)\n\x06shares\x18\x01 \x03(\x0b\x32\x19.tributary.v1.SealedShare\"\x1d\n\nUploadSlot\x12\x0f\n\x07version\x18\x01 \x01(\x04\"m\n\x12MaskedInputRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tributary.v1.MemberRefH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.tributary.v1.ChunkH\x00\x42\x06\n\x04kind\":\n\x14UnmaskRequestMessage\x12\x11\n\tsurvivors\x18\x01 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\r\"\xa9\x01\n\x15UnmaskResponseMessage\x12\'\n\x06sender\x18\x01 \x01(\x0b\x32\x17.tributary.v1.MemberRef\x12\x33\n\x10self_mask_shares\x18\x02 \x03(\x0b\x32\x19.tributary.v1.SealedShare\x12\x32\n\x0fmask_key_shares\x18\x03 \x03(\x0b\x32\x19.tributary.v1.SealedShare\"3\n\rCohortOutcome\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tsurvivors\x18\x02 \x01(\r*\x9c\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x10\n\x0c\x44TYPE_UINT32\x10\x07*~\n\x0cStrategyKind\x12\x1d\n\x19STRATEGY_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16STRATEGY_KIND_FEDASYNC\x10\x01\x12\x19\n\x15STRATEGY_KIND_FEDBUFF\x10\x02\x12\x18\n\x14STRATEGY_KIND_FEDAVG\x10\x03*y\n\x0b\x43lientState\x12\x1c\n\x18\x43LIENT_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LIENT_STATE_IDLE\x10\x01\x12\x19\n\x15\x43LIENT_STATE_TRAINING\x10\x02\x12\x1a\n\x16\x43LIENT_STATE_UPLOADING\x10\x03\x32\xe4\x05\n\tTributary\x12<\n\x06GetJob\x12\x1b.tributary.v1.GetJobRequest\x1a\x15.tributary.v1.JobInfo\x12?\n\x04Pull\x12\x19.tributary.v1.PullRequest\x1a\x1a.tributary.v1.PullResponse0\x01\x12:\n\x04Push\x12\x19.tributary.v1.PushRequest\x1a\x15.tributary.v1.PushAck(\x01\x12G\n\tHeartbeat\x12\x1e.tributary.v1.HeartbeatRequest\x1a\x1a.tributary.v1.HeartbeatAck\x12N\n\nJoinCohort\x12\x1f.tributary.v1.JoinCohortRequest\x1a\x1f.tributary.v1.CohortPlanMessage\x12L\n\rAdvertiseKeys\x12\x1e.tributary.v1.KeyAdvertMessage\x1a\x1b.tributary.v1.NeighbourKeys\x12M\n\tShareKeys\x12!.tributary.v1.SealedSharesMessage\x1a\x1d.tributary.v1.SharesForMember\x12\x42\n\rGetUploadSlot\x12\x17.tributary.v1.MemberRef\x1a\x18.tributary.v1.UploadSlot\x12V\n\x0cUploadMasked\x12 .tributary.v1.MaskedInputRequest\x1a\".tributary.v1.UnmaskRequestMessage(\x01\x12J\n\x06Unmask\x12#.tributary.v1.UnmaskResponseMessage\x1a\x1b.tributary.v1.CohortOutcomeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.tributary_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2587
-  _globals['_DTYPE']._serialized_end=2743
-  _globals['_STRATEGYKIND']._serialized_start=2745
-  _globals['_STRATEGYKIND']._serialized_end=2871
+  _globals['_DTYPE']._serialized_start=2790
+  _globals['_DTYPE']._serialized_end=2946
+  _globals['_STRATEGYKIND']._serialized_start=2948
+  _globals['_STRATEGYKIND']._serialized_end=3074
+  _globals['_CLIENTSTATE']._serialized_start=3076
+  _globals['_CLIENTSTATE']._serialized_end=3197
   _globals['_TENSORSPEC']._serialized_start=39
   _globals['_TENSORSPEC']._serialized_end=116
   _globals['_TENSORHEADER']._serialized_start=118
@@ -58,36 +60,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER']._serialized_end=1058
   _globals['_PUSHACK']._serialized_start=1061
   _globals['_PUSHACK']._serialized_end=1201
-  _globals['_JOINCOHORTREQUEST']._serialized_start=1203
-  _globals['_JOINCOHORTREQUEST']._serialized_end=1282
-  _globals['_STALENESSRULE']._serialized_start=1284
-  _globals['_STALENESSRULE']._serialized_end=1358
-  _globals['_COHORTPLANMESSAGE']._serialized_start=1361
-  _globals['_COHORTPLANMESSAGE']._serialized_end=1640
-  _globals['_MEMBERREF']._serialized_start=1642
-  _globals['_MEMBERREF']._serialized_end=1719
-  _globals['_KEYADVERTMESSAGE']._serialized_start=1721
-  _globals['_KEYADVERTMESSAGE']._serialized_end=1817
-  _globals['_NEIGHBOURKEY']._serialized_start=1819
-  _globals['_NEIGHBOURKEY']._serialized_end=1886
-  _globals['_NEIGHBOURKEYS']._serialized_start=1888
-  _globals['_NEIGHBOURKEYS']._serialized_end=1945
-  _globals['_SEALEDSHARE']._serialized_start=1947
-  _globals['_SEALEDSHARE']._serialized_end=1988
-  _globals['_SEALEDSHARESMESSAGE']._serialized_start=1990
-  _globals['_SEALEDSHARESMESSAGE']._serialized_end=2095
-  _globals['_SHARESFORMEMBER']._serialized_start=2097
-  _globals['_SHARESFORMEMBER']._serialized_end=2157
-  _globals['_UPLOADSLOT']._serialized_start=2159
-  _globals['_UPLOADSLOT']._serialized_end=2188
-  _globals['_MASKEDINPUTREQUEST']._serialized_start=2190
-  _globals['_MASKEDINPUTREQUEST']._serialized_end=2299
-  _globals['_UNMASKREQUESTMESSAGE']._serialized_start=2301
-  _globals['_UNMASKREQUESTMESSAGE']._serialized_end=2359
-  _globals['_UNMASKRESPONSEMESSAGE']._serialized_start=2362
-  _globals['_UNMASKRESPONSEMESSAGE']._serialized_end=2531
-  _globals['_COHORTOUTCOME']._serialized_start=2533
-  _globals['_COHORTOUTCOME']._serialized_end=2584
-  _globals['_TRIBUTARY']._serialized_start=2874
-  _globals['_TRIBUTARY']._serialized_end=3541
+  _globals['_HEARTBEATREQUEST']._serialized_start=1203
+  _globals['_HEARTBEATREQUEST']._serialized_end=1320
+  _globals['_HEARTBEATACK']._serialized_start=1322
+  _globals['_HEARTBEATACK']._serialized_end=1404
+  _globals['_JOINCOHORTREQUEST']._serialized_start=1406
+  _globals['_JOINCOHORTREQUEST']._serialized_end=1485
+  _globals['_STALENESSRULE']._serialized_start=1487
+  _globals['_STALENESSRULE']._serialized_end=1561
+  _globals['_COHORTPLANMESSAGE']._serialized_start=1564
+  _globals['_COHORTPLANMESSAGE']._serialized_end=1843
+  _globals['_MEMBERREF']._serialized_start=1845
+  _globals['_MEMBERREF']._serialized_end=1922
+  _globals['_KEYADVERTMESSAGE']._serialized_start=1924
+  _globals['_KEYADVERTMESSAGE']._serialized_end=2020
+  _globals['_NEIGHBOURKEY']._serialized_start=2022
+  _globals['_NEIGHBOURKEY']._serialized_end=2089
+  _globals['_NEIGHBOURKEYS']._serialized_start=2091
+  _globals['_NEIGHBOURKEYS']._serialized_end=2148
+  _globals['_SEALEDSHARE']._serialized_start=2150
+  _globals['_SEALEDSHARE']._serialized_end=2191
+  _globals['_SEALEDSHARESMESSAGE']._serialized_start=2193
+  _globals['_SEALEDSHARESMESSAGE']._serialized_end=2298
+  _globals['_SHARESFORMEMBER']._serialized_start=2300
+  _globals['_SHARESFORMEMBER']._serialized_end=2360
+  _globals['_UPLOADSLOT']._serialized_start=2362
+  _globals['_UPLOADSLOT']._serialized_end=2391
+  _globals['_MASKEDINPUTREQUEST']._serialized_start=2393
+  _globals['_MASKEDINPUTREQUEST']._serialized_end=2502
+  _globals['_UNMASKREQUESTMESSAGE']._serialized_start=2504
+  _globals['_UNMASKREQUESTMESSAGE']._serialized_end=2562
+  _globals['_UNMASKRESPONSEMESSAGE']._serialized_start=2565
+  _globals['_UNMASKRESPONSEMESSAGE']._serialized_end=2734
+  _globals['_COHORTOUTCOME']._serialized_start=2736
+  _globals['_COHORTOUTCOME']._serialized_end=2787
+  _globals['_TRIBUTARY']._serialized_start=3200
+  _globals['_TRIBUTARY']._serialized_end=3940
 # @@protoc_insertion_point(module_scope)

@@ -15,7 +15,11 @@ Snapshots are never modified after they are built: a puller holds a reference
 to one and streams it while new versions are published beside it, so a pull
 never waits for, nor sees, a half-applied aggregate.
 
-Lock order: Job._lock only; nothing is called out of the job while holding it.
+Heartbeats go to the job's `Roster` (server/roster.py), which has its own lock,
+so a busy roster never waits on aggregation nor the other way round.
+
+Lock order: Job._lock, and Roster._lock, are never held together; nothing is
+called out of the job while holding its lock.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from server.errors import (
     StaleUpdate,
     UnknownVersion,
 )
+from server.roster import ClientState, Roster
 from server.strategies import Strategy, all_finite, build_strategy
 
 _FLOAT_KINDS = "f"
@@ -130,6 +135,14 @@ class JobStats:
 
 
 @dataclass(frozen=True)
+class HeartbeatOutcome:
+    version: int
+    """The job's current version."""
+    server_time_ms: int
+    next_heartbeat_s: float
+
+
+@dataclass(frozen=True)
 class _Remembered:
     """What a key was used for: enough to tell a retry from a different update
     that reuses the key (the payload itself is not hashed, to keep pushes cheap)."""
@@ -169,6 +182,7 @@ class Job:
         self._acks: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
         self.stats = JobStats()
         self.stats.versions.append((0, self._current.created_at))
+        self.roster = Roster(max_clients=config.roster_max_clients, expiry_s=config.roster_expiry_s)
 
     @property
     def job_id(self) -> str:
@@ -197,6 +211,19 @@ class Job:
     def note_rejection(self, reason: str) -> None:
         with self._lock:
             self.stats.rejected[reason] += 1
+
+    # -- presence --------------------------------------------------------------
+
+    def heartbeat(self, client_id: str, state: ClientState, base_version: int) -> HeartbeatOutcome:
+        """Note that `client_id` is there, doing `state` on `base_version`."""
+        version = self._current.version  # no lock: see snapshot()
+        if base_version > version:
+            raise UnknownVersion(
+                f"base version {base_version} was never published by job {self.job_id!r} "
+                f"(latest is {version}); pull the current model"
+            )
+        self.roster.beat(client_id, state, base_version)
+        return HeartbeatOutcome(version, time.time_ns() // 1_000_000, self.config.heartbeat_interval_s)
 
     # -- pushing ---------------------------------------------------------------
 

@@ -18,7 +18,7 @@ ALLOWED = {
     "edge": {"proto", "client_sdk", "edge"},
 }
 PROJECT = {"proto", "server", "client_sdk", "edge", "tributary"}
-GRPC_FREE = ["server/core.py", "server/strategies.py", "server/secagg.py", "server/cohorts.py", "server/config.py", "server/errors.py"]
+GRPC_FREE = ["server/core.py", "server/strategies.py", "server/secagg.py", "server/cohorts.py", "server/config.py", "server/errors.py", "server/roster.py"]
 
 
 def imported_modules(path: Path) -> set[str]:
