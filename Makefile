@@ -26,6 +26,7 @@ test: $(BIN)/tributary
 bench: $(BIN)/tributary
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.secagg
+	$(BIN)/python -m bench.load
 
 protos: $(BIN)/tributary
 	$(BIN)/python scripts/gen_protos.py

@@ -112,7 +112,7 @@ class Update:
     delta: Mapping[str, np.ndarray]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the idempotency window keeps one per remembered key
 class PushOutcome:
     version_at_arrival: int
     staleness: int
@@ -142,7 +142,7 @@ class HeartbeatOutcome:
     next_heartbeat_s: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Remembered:
     """What a key was used for: enough to tell a retry from a different update
     that reuses the key (the payload itself is not hashed, to keep pushes cheap)."""
