@@ -66,6 +66,7 @@ from bench._common import count_label, machine, parse_count
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import header_to_pb, iter_chunks, specs_of
+from server.config import JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_ID = "load"
@@ -596,6 +597,7 @@ def targets(rows: Sequence[dict[str, Any]], server: dict[str, Any], settings: Se
         by_code.update({f"{row['rpc']} {code}": n for code, n in row["failures_by_code"].items()})
     codes = ", ".join(f"{k}: {v}" for k, v in by_code.most_common()) or "none"
     growth, slope = server["rss_growth_fraction"], server["rss_slope_mb_per_min"]
+    keys = server["idempotency_keys_end"] - server["idempotency_keys_after_warmup"]
     span = server["rss_span_s"]
     heartbeats = next(r for r in rows if r["rpc"] == HEARTBEAT)
     intended = settings.clients / settings.heartbeat_interval_s
@@ -612,7 +614,9 @@ def targets(rows: Sequence[dict[str, Any]], server: dict[str, Any], settings: Se
             "passed": growth <= RSS_FLAT_GROWTH,
             "detail": (
                 f"{server['rss_after_warmup_mb']:.1f} -> {server['rss_end_mb']:.1f} MB ({server['rss_growth_mb']:+.1f} MB, "
-                f"{growth:+.1%}); least-squares slope {slope:+.2f} MB/min over {server['window_s']:.0f} s"
+                f"{growth:+.1%}); least-squares slope {slope:+.2f} MB/min over {server['window_s']:.0f} s, "
+                f"{server['rss_slope_last_half_mb_per_min']:+.2f} over its second half; meanwhile the job took {keys} more "
+                f"idempotency keys to remember ({server['idempotency_keys_end']} of at most {server['idempotency_window']})"
             ),
         },
         {
@@ -677,12 +681,19 @@ def _run_against(server: ServerProcess, settings: Settings, context: multiproces
     unfinished = sum(r.unfinished_clients for r in reports)
     lags = [lag for r in reports for started, lag in r.loop_lag if begin + settings.warmup_s <= started < begin + settings.duration_s]
     acked = sum(r.pushes_acked for r in reports) + baseline.pushes_acked
+    # The job remembers the key of every accepted push, up to its idempotency
+    # window (the server runs with the default): memory that grows until it is full.
+    window = JobConfig().idempotency_window
+    acked_in_warmup = baseline.pushes_acked + sum(1 for t in calls[PUSH].starts if t < begin + settings.warmup_s)
     server_summary.update(
         {
             "updates_accepted": accepted,
             "pushes_acked": acked,
             "final_version": version,
             "pulled_mb": sum(r.bytes_pulled for r in reports) / MB,
+            "idempotency_window": window,
+            "idempotency_keys_after_warmup": min(window, acked_in_warmup),
+            "idempotency_keys_end": min(window, acked),
         }
     )
     client_loop_lag_ms = _percentiles_ms(lags)
