@@ -30,7 +30,7 @@ warm-up and at the end are medians over 30 s (one sample moves by +-10 MB with
 the payloads in flight); growth is between the two, and the least-squares slope
 is over the whole window after the warm-up and over its second half.
 
-    python -m bench.load                                     # 500 clients for 5 min, about 6 min in all
+    python -m bench.load                                     # 500 clients for 5 min (what `make bench` runs)
     python -m bench.load --clients 100 --duration 30 --warmup 10
 """
 

@@ -207,3 +207,32 @@ def test_fit_trains_on_when_heartbeats_are_refused(serve) -> None:  # type: igno
     assert running.core.job("default").stats.updates_accepted == 3
     assert roster_of(running).get("refused") is None
     assert roster_of(running).refused >= 1
+
+
+def test_fit_trains_against_a_server_without_heartbeats(caplog: pytest.LogCaptureFixture) -> None:
+    """A server from before the Heartbeat RPC answers UNIMPLEMENTED: fit asks
+    once, says so in the log, and trains as before."""
+    import logging
+    from concurrent import futures
+
+    from server.core import AggregationCore, Job
+    from server.servicer import TributaryServicer
+
+    class OlderServicer(TributaryServicer):
+        Heartbeat = pb_grpc.TributaryServicer.Heartbeat  # the generated default: UNIMPLEMENTED
+
+    core = AggregationCore([Job(JobConfig(strategy=FEDASYNC), zero_model())])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_TributaryServicer_to_server(OlderServicer(core), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="client_sdk._presence"), Client(f"127.0.0.1:{port}") as client:
+            summary = client.fit(linear(), lambda model, device: 1, updates=2, device="cpu")
+    finally:
+        server.stop(0.5).wait()
+    assert summary.updates_pushed == 2
+    assert core.job("default").stats.updates_accepted == 2
+    assert [r.getMessage() for r in caplog.records if "takes no heartbeats" in r.getMessage()] == [
+        f"server at 127.0.0.1:{port} takes no heartbeats; training goes on without them"
+    ]
