@@ -27,6 +27,7 @@ bench: $(BIN)/tributary
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.secagg
 	$(BIN)/python -m bench.durability
+	$(BIN)/python -m bench.load
 
 protos: $(BIN)/tributary
 	$(BIN)/python scripts/gen_protos.py

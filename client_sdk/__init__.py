@@ -12,6 +12,7 @@ Low level (numpy or torch tensors, for apps with their own loop)::
 
     model = client.pull()                       # PulledModel(version, tensors)
     client.push(model.version, delta, num_samples=n)
+    client.heartbeat("training")                # presence; fit() sends these itself
 
 Operators administer a server run with --auth through `AdminClient`
 (enrol and revoke clients, status).
@@ -20,7 +21,7 @@ Everything not listed in `__all__` is private and may change.
 """
 
 from client_sdk._admin import AdminClient, EnrolledClient, Enrolment, JobStatus
-from client_sdk._client import Client, JobDescription, PulledModel, PushResult, RetryPolicy
+from client_sdk._client import Client, ClientState, HeartbeatReply, JobDescription, PulledModel, PushResult, RetryPolicy
 from client_sdk._errors import (
     CohortAborted,
     JobNotFound,
@@ -41,11 +42,13 @@ from client_sdk._training import FitSummary, TrainFn, fit, load_into, model_arra
 __all__ = [
     "AdminClient",
     "Client",
+    "ClientState",
     "ClientTLS",
     "CohortAborted",
     "EnrolledClient",
     "Enrolment",
     "FitSummary",
+    "HeartbeatReply",
     "JobDescription",
     "JobNotFound",
     "JobStatus",

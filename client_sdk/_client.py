@@ -18,6 +18,7 @@ counted once by the server (which answers with the first ack, `duplicate=True`).
 
 from __future__ import annotations
 
+import enum
 import random
 import time
 import uuid
@@ -56,6 +57,7 @@ from proto.tensors import (
 
 T = TypeVar("T")
 MAX_WAIT_S = 3600.0
+HEARTBEAT_TIMEOUT_S = 10.0
 _STRATEGY_NAMES = {pb.STRATEGY_KIND_FEDASYNC: "fedasync", pb.STRATEGY_KIND_FEDBUFF: "fedbuff", pb.STRATEGY_KIND_FEDAVG: "fedavg"}
 
 
@@ -82,6 +84,30 @@ class RetryPolicy:
         for attempt in range(self.max_attempts - 1):
             base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
             yield base * (1 - self.jitter * random.random())
+
+
+class ClientState(enum.Enum):
+    """What a client tells the server it is doing, in heartbeats."""
+
+    IDLE = "idle"
+    TRAINING = "training"
+    UPLOADING = "uploading"
+
+
+_STATE_TO_PB = {
+    ClientState.IDLE: pb.CLIENT_STATE_IDLE,
+    ClientState.TRAINING: pb.CLIENT_STATE_TRAINING,
+    ClientState.UPLOADING: pb.CLIENT_STATE_UPLOADING,
+}
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    version: int
+    """The job's current model version: a client holding an older one may pull."""
+    server_time_ms: int
+    next_heartbeat_s: float
+    """When the server would like the next heartbeat."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +186,8 @@ class Client:
             self._transport = "plaintext" if insecure else ("mtls" if tls is not None and tls.mutual else "tls")
         self._channel = grpc.intercept_channel(channel, bearer) if bearer is not None else channel
         self._stub = pb_grpc.TributaryStub(self._channel)
+        self.last_pulled_version = 0
+        """Version of the latest model this client pulled (0 before the first pull)."""
 
     def __enter__(self) -> Client:
         return self
@@ -199,7 +227,37 @@ class Client:
         if not 0 <= wait_s <= MAX_WAIT_S:
             raise ValueError(f"wait_s must be between 0 and {MAX_WAIT_S} seconds, got {wait_s}")
         request = pb.PullRequest(job_id=self.job, min_version=min_version, wait_timeout_ms=int(wait_s * 1000))
-        return self._with_retries("pull", lambda: self._pull_once(request, timeout=self.timeout_s + wait_s))
+        pulled = self._with_retries("pull", lambda: self._pull_once(request, timeout=self.timeout_s + wait_s))
+        self.last_pulled_version = pulled.version
+        return pulled
+
+    def heartbeat(
+        self,
+        state: ClientState | str = ClientState.IDLE,
+        *,
+        base_version: int | None = None,
+        timeout_s: float = HEARTBEAT_TIMEOUT_S,
+    ) -> HeartbeatReply:
+        """Tell the server this client is there and what it is doing (`idle`,
+        `training` or `uploading`) on `base_version` (default: the version it
+        last pulled). One attempt, no retries: a lost heartbeat is replaced by
+        the next one, sent after `next_heartbeat_s` of the reply."""
+        try:
+            state = ClientState(state.lower() if isinstance(state, str) else state)
+        except ValueError:
+            raise ValueError(
+                f"state must be one of {', '.join(s.value for s in ClientState)}, got {state!r}"
+            ) from None
+        version = self.last_pulled_version if base_version is None else base_version
+        if version < 0:
+            raise ValueError(f"base_version must be >= 0 (a version pulled from the server), got {version}")
+        request = pb.HeartbeatRequest(job_id=self.job, client_id=self.client_id, state=_STATE_TO_PB[state], base_version=version)
+        try:
+            ack: pb.HeartbeatAck = self._stub.Heartbeat(request, timeout=min(timeout_s, self.timeout_s))
+        except grpc.RpcError as error:
+            doing = f"heartbeat on job {self.job!r} at {self.address}"
+            raise (tls_failure(error, doing) or translate(error, doing)) from None
+        return HeartbeatReply(ack.version, ack.server_time_ms, ack.next_heartbeat_ms / 1000.0)
 
     def push(
         self,

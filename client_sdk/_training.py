@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client_sdk._client import Client, PulledModel, PushResult
+from client_sdk._client import Client, ClientState, PulledModel, PushResult
 from client_sdk._errors import CohortAborted, ModelMismatch, NotAcceptedNow
+from client_sdk._presence import Presence
 
 if TYPE_CHECKING:
     import torch
@@ -104,9 +105,27 @@ def fit(
     that aborted) is dropped and training restarts from the current model;
     other errors propagate. Under secure aggregation each update goes through
     a cohort, whose key setup overlaps the local training.
+
+    While it runs, heartbeats tell the server what the client is doing
+    (training, uploading, idle; see client_sdk/_presence.py). They are best
+    effort: a failed heartbeat never stops or slows training.
     """
     if updates is None and duration_s is None:
         raise ValueError("give `updates` or `duration_s`, or the loop would never end")
+    with Presence(client) as presence:
+        return _fit(client, model, train_fn, presence, updates, duration_s, device, on_push)
+
+
+def _fit(
+    client: Client,
+    model: torch.nn.Module,
+    train_fn: TrainFn,
+    presence: Presence,
+    updates: int | None,
+    duration_s: float | None,
+    device: str | None,
+    on_push: Callable[[PushResult], Any] | None,
+) -> FitSummary:
     start = time.monotonic()
     summary = FitSummary()
     torch_device = pick_device(device)
@@ -122,6 +141,7 @@ def fit(
 
     summary.last_version = pulled.version
     while not done():
+        presence.set(ClientState.TRAINING, pulled.version)
         cohort = None
         if job.secure_aggregation:
             from client_sdk._secure import SecureRound
@@ -133,6 +153,7 @@ def fit(
         num_samples = max(1, int(train_fn(model, torch_device)))
         trained = model_arrays(model, names)
         delta = {name: trained[name] - pulled.tensors[name] for name in names}
+        presence.set(ClientState.UPLOADING, pulled.version)
         try:
             if cohort is not None:
                 flat = np.concatenate([delta[name].reshape(-1) for name in names])
@@ -147,6 +168,7 @@ def fit(
             summary.updates_refused += 1
         else:
             summary.updates_pushed += 1
+        presence.set(ClientState.IDLE, pulled.version)
         if done():
             break
         pulled = _next_model(client, pulled.version, job.synchronous, done)

@@ -25,6 +25,13 @@ class StrategyKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STRATEGY_KIND_FEDASYNC: _ClassVar[StrategyKind]
     STRATEGY_KIND_FEDBUFF: _ClassVar[StrategyKind]
     STRATEGY_KIND_FEDAVG: _ClassVar[StrategyKind]
+
+class ClientState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CLIENT_STATE_UNSPECIFIED: _ClassVar[ClientState]
+    CLIENT_STATE_IDLE: _ClassVar[ClientState]
+    CLIENT_STATE_TRAINING: _ClassVar[ClientState]
+    CLIENT_STATE_UPLOADING: _ClassVar[ClientState]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT64: DType
@@ -37,6 +44,10 @@ STRATEGY_KIND_UNSPECIFIED: StrategyKind
 STRATEGY_KIND_FEDASYNC: StrategyKind
 STRATEGY_KIND_FEDBUFF: StrategyKind
 STRATEGY_KIND_FEDAVG: StrategyKind
+CLIENT_STATE_UNSPECIFIED: ClientState
+CLIENT_STATE_IDLE: ClientState
+CLIENT_STATE_TRAINING: ClientState
+CLIENT_STATE_UPLOADING: ClientState
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -157,6 +168,28 @@ class PushAck(_message.Message):
     version_after: int
     duplicate: bool
     def __init__(self, job_id: _Optional[str] = ..., version_at_arrival: _Optional[int] = ..., staleness: _Optional[int] = ..., staleness_weight: _Optional[float] = ..., version_after: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("job_id", "client_id", "state", "base_version")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    client_id: str
+    state: ClientState
+    base_version: int
+    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., state: _Optional[_Union[ClientState, str]] = ..., base_version: _Optional[int] = ...) -> None: ...
+
+class HeartbeatAck(_message.Message):
+    __slots__ = ("version", "server_time_ms", "next_heartbeat_ms")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    server_time_ms: int
+    next_heartbeat_ms: int
+    def __init__(self, version: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., next_heartbeat_ms: _Optional[int] = ...) -> None: ...
 
 class JoinCohortRequest(_message.Message):
     __slots__ = ("job_id", "client_id", "wait_timeout_ms")

@@ -54,6 +54,11 @@ class TributaryStub:
                 request_serializer=proto_dot_tributary__pb2.PushRequest.SerializeToString,
                 response_deserializer=proto_dot_tributary__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/tributary.v1.Tributary/Heartbeat',
+                request_serializer=proto_dot_tributary__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.HeartbeatAck.FromString,
+                _registered_method=True)
         self.JoinCohort = channel.unary_unary(
                 '/tributary.v1.Tributary/JoinCohort',
                 request_serializer=proto_dot_tributary__pb2.JoinCohortRequest.SerializeToString,
@@ -106,6 +111,12 @@ class TributaryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +175,11 @@ def add_TributaryServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=proto_dot_tributary__pb2.PushRequest.FromString,
                     response_serializer=proto_dot_tributary__pb2.PushAck.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=proto_dot_tributary__pb2.HeartbeatRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.HeartbeatAck.SerializeToString,
             ),
             'JoinCohort': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinCohort,
@@ -281,6 +297,33 @@ class Tributary:
             '/tributary.v1.Tributary/Push',
             proto_dot_tributary__pb2.PushRequest.SerializeToString,
             proto_dot_tributary__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/Heartbeat',
+            proto_dot_tributary__pb2.HeartbeatRequest.SerializeToString,
+            proto_dot_tributary__pb2.HeartbeatAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 STRATEGIES = ("fedasync", "fedbuff", "fedavg")
 STALENESS_KINDS = ("constant", "polynomial", "hinge")
 NORMALIZERS = ("count", "weight_sum")
+MAX_HEARTBEAT_INTERVAL_S = 3600.0
+"""Keeps next_heartbeat_ms (uint32) far from overflowing."""
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -233,6 +235,12 @@ class JobConfig:
     """How many recent idempotency keys (and their acks) a job remembers."""
     initial_model: Path | None = None
     secure_aggregation: SecAggConfig | None = None
+    heartbeat_interval_s: float = 10.0
+    """How often clients are asked to send a heartbeat (the ack's next_heartbeat_ms)."""
+    roster_expiry_s: float = 300.0
+    """Clients not heard from for this long are dropped from the job's roster."""
+    roster_max_clients: int = 100_000
+    """Most clients a job's roster tracks; a new client beyond it is refused (RESOURCE_EXHAUSTED)."""
 
     def __post_init__(self) -> None:
         if self.secure_aggregation is not None and self.strategy.name != "fedbuff":
@@ -248,10 +256,21 @@ class JobConfig:
             isinstance(self.max_staleness, int) and not isinstance(self.max_staleness, bool) and self.max_staleness >= 0
         ):
             raise ConfigError(f"max_staleness must be an integer >= 0, got {self.max_staleness!r}")
-        for name in ("max_update_bytes", "idempotency_window"):
+        for name in ("max_update_bytes", "idempotency_window", "roster_max_clients"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("heartbeat_interval_s", "roster_expiry_s"):
+            _positive(name, getattr(self, name))
+        if self.heartbeat_interval_s > MAX_HEARTBEAT_INTERVAL_S:
+            raise ConfigError(
+                f"heartbeat_interval_s must be at most {MAX_HEARTBEAT_INTERVAL_S:g} s, got {self.heartbeat_interval_s!r}"
+            )
+        if self.roster_expiry_s < 2 * self.heartbeat_interval_s:
+            raise ConfigError(
+                f"roster_expiry_s={self.roster_expiry_s!r} must be at least twice heartbeat_interval_s="
+                f"{self.heartbeat_interval_s!r}, or a client that misses one heartbeat is forgotten"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> JobConfig:
@@ -278,7 +297,7 @@ class JobConfig:
                 if not _is_number(value):
                     raise ConfigError(f"{key} must be a number, got {value!r}")
                 staleness[key.removeprefix("staleness_")] = float(value)
-            elif key in ("max_staleness", "max_update_bytes", "idempotency_window"):
+            elif key in ("max_staleness", "max_update_bytes", "idempotency_window", "heartbeat_interval_s", "roster_expiry_s", "roster_max_clients"):
                 job[key] = value
             elif key == "initial_model":
                 job[key] = Path(value)

@@ -20,8 +20,11 @@ update durable before it is applied and acknowledged, and `replay_update` /
 `replay_cohort` rebuild a job from that log after a crash by running the very
 code path the updates first took, so the rebuilt model is bit-identical.
 
+Heartbeats go to the job's `Roster` (server/roster.py), which has its own lock,
+so a busy roster never waits on aggregation nor the other way round.
+
 Lock order: Job._lock, then the journal's own lock; the journal never calls
-back into the job.
+back into the job. Job._lock and Roster._lock are never held together.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from server.errors import (
     StaleUpdate,
     UnknownVersion,
 )
+from server.roster import ClientState, Roster
 from server.strategies import Strategy, all_finite, build_strategy
 
 _FLOAT_KINDS = "f"
@@ -116,7 +120,7 @@ class Update:
     delta: Mapping[str, np.ndarray]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the idempotency window keeps one per remembered key
 class PushOutcome:
     version_at_arrival: int
     staleness: int
@@ -155,6 +159,14 @@ class Journal(Protocol):
 
 
 @dataclass(frozen=True)
+class HeartbeatOutcome:
+    version: int
+    """The job's current version."""
+    server_time_ms: int
+    next_heartbeat_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class _Remembered:
     """What a key was used for: enough to tell a retry from a different update
     that reuses the key (the payload itself is not hashed, to keep pushes cheap)."""
@@ -196,6 +208,7 @@ class Job:
         self._closing = False
         self.stats = JobStats()
         self.stats.versions.append((0, self._current.created_at))
+        self.roster = Roster(max_clients=config.roster_max_clients, expiry_s=config.roster_expiry_s)
 
     def attach_journal(self, journal: Journal) -> None:
         """Log every accepted update to `journal` from now on (before serving)."""
@@ -270,6 +283,19 @@ class Job:
     def note_rejection(self, reason: str) -> None:
         with self._lock:
             self.stats.rejected[reason] += 1
+
+    # -- presence --------------------------------------------------------------
+
+    def heartbeat(self, client_id: str, state: ClientState, base_version: int) -> HeartbeatOutcome:
+        """Note that `client_id` is there, doing `state` on `base_version`."""
+        version = self._current.version  # no lock: see snapshot()
+        if base_version > version:
+            raise UnknownVersion(
+                f"base version {base_version} was never published by job {self.job_id!r} "
+                f"(latest is {version}); pull the current model"
+            )
+        self.roster.beat(client_id, state, base_version)
+        return HeartbeatOutcome(version, time.time_ns() // 1_000_000, self.config.heartbeat_interval_s)
 
     # -- pushing ---------------------------------------------------------------
 

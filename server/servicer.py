@@ -26,6 +26,7 @@ import numpy as np
 
 from proto.tensors import MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
 from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader
+from server.roster import ClientState
 from proto.secagg.protocol import KeyAdvert, ProtocolViolation, SealedShares, UnmaskResponse
 from server.cohorts import CohortManager
 from server import faults
@@ -67,6 +68,11 @@ _STRATEGY_KIND = {
     "fedasync": pb.STRATEGY_KIND_FEDASYNC,
     "fedbuff": pb.STRATEGY_KIND_FEDBUFF,
     "fedavg": pb.STRATEGY_KIND_FEDAVG,
+}
+_CLIENT_STATES = {
+    pb.CLIENT_STATE_IDLE: ClientState.IDLE,
+    pb.CLIENT_STATE_TRAINING: ClientState.TRAINING,
+    pb.CLIENT_STATE_UPLOADING: ClientState.UPLOADING,
 }
 MAX_LONG_POLL_S = 30.0
 MAX_ID_LENGTH = 128
@@ -161,6 +167,24 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             faults.point("push.acking")
             return _ack(job.job_id, outcome)
         raise AssertionError("unreachable: _status_on_error aborts")  # pragma: no cover
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatAck:
+        with _status_on_error(context):
+            job = self._core.job(request.job_id)
+            _check_id("client_id", request.client_id)
+            state = _CLIENT_STATES.get(request.state)
+            if state is None:
+                raise InvalidUpdate(
+                    f"heartbeat state {request.state} is not one of IDLE (1), TRAINING (2), UPLOADING (3); "
+                    "say what the client is doing"
+                )
+            outcome = job.heartbeat(request.client_id, state, request.base_version)
+            return pb.HeartbeatAck(
+                version=outcome.version,
+                server_time_ms=outcome.server_time_ms,
+                next_heartbeat_ms=round(outcome.next_heartbeat_s * 1000),
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- secure aggregation ----------------------------------------------------------
 

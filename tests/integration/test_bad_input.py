@@ -294,7 +294,7 @@ def test_unmask_response_naming_a_peer_twice_is_refused_and_kept_nowhere() -> No
     )
     size = sum(t.size for t in model.values())
     deltas = [np.random.default_rng(i).uniform(-1, 1, size).astype(np.float32) for i in range(3)]
-    config = ServerConfig(address="127.0.0.1:0", jobs=(secure,))
+    config = ServerConfig(address="127.0.0.1:0", jobs=(secure,), insecure=True)
     with running_server(config, {"default": model}, grace_s=0.5) as running, grpc.insecure_channel(running.address) as channel:
         cohort = HonestCohort(channel, "default", 0, deltas, [1, 2, 3])
         while cohort.phase != "unmasking":
