@@ -113,6 +113,7 @@ class Settings:
     push_interval_s: float
     buffer_size: int
     max_workers: int | None
+    idempotency_window: int | None
     baseline_calls: int
     seed: int
 
@@ -386,17 +387,21 @@ class ServerProcess:
     """`python -m tributary server` on a free loopback port."""
 
     def __init__(self, model_path: Path, settings: Settings, log_path: Path) -> None:
-        command = [
-            sys.executable, "-m", "tributary", "server",
-            "--initial-model", str(model_path),
-            "--job", JOB_ID,
-            "--address", f"{LOOPBACK}:0",
-            "--strategy", "fedbuff",
-            "--buffer-size", str(settings.buffer_size),
-            "--insecure",  # loopback; the simulated devices use plaintext channels
+        # A TOML file, as an operator would write it: idempotency_window has no flag.
+        config = log_path.with_name("load-server.toml")
+        lines = [
+            f'address = "{LOOPBACK}:0"',
+            "insecure = true  # loopback; the simulated devices use plaintext channels",
+            *([f"max_workers = {settings.max_workers}"] if settings.max_workers is not None else []),
+            "[[jobs]]",
+            f'id = "{JOB_ID}"',
+            f'initial_model = "{model_path.resolve()}"',
+            'strategy = "fedbuff"',
+            f"buffer_size = {settings.buffer_size}",
+            *([f"idempotency_window = {settings.idempotency_window}"] if settings.idempotency_window is not None else []),
         ]
-        if settings.max_workers is not None:
-            command += ["--max-workers", str(settings.max_workers)]
+        config.write_text("\n".join(lines) + "\n")
+        command = [sys.executable, "-m", "tributary", "server", "--config", str(config)]
         self.command = command
         self._log = log_path.open("w")
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True)
@@ -415,7 +420,7 @@ class ServerProcess:
             if not line:
                 break
             if marker in line:
-                return line.split(marker, 1)[1].strip()
+                return line.split(marker, 1)[1].split()[0]  # "HOST:PORT (plaintext)"
         self.stop()
         raise RuntimeError(f"the server did not start: see {self._log.name}\n{Path(self._log.name).read_text()[-2000:]}")
 
@@ -682,8 +687,8 @@ def _run_against(server: ServerProcess, settings: Settings, context: multiproces
     lags = [lag for r in reports for started, lag in r.loop_lag if begin + settings.warmup_s <= started < begin + settings.duration_s]
     acked = sum(r.pushes_acked for r in reports) + baseline.pushes_acked
     # The job remembers the key of every accepted push, up to its idempotency
-    # window (the server runs with the default): memory that grows until it is full.
-    window = JobConfig().idempotency_window
+    # window: memory that grows until the window is full.
+    window = settings.idempotency_window or JobConfig().idempotency_window
     acked_in_warmup = baseline.pushes_acked + sum(1 for t in calls[PUSH].starts if t < begin + settings.warmup_s)
     server_summary.update(
         {
@@ -825,6 +830,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push-interval", type=float, default=5.0, help="seconds of simulated training before each push, x U(0.5, 1.5) (default: 5)")
     parser.add_argument("--buffer-size", type=parse_count, default=20, help="fedbuff K of the server's job (default: 20)")
     parser.add_argument("--max-workers", type=parse_count, default=None, help="server RPC threads (default: the server's default)")
+    parser.add_argument(
+        "--idempotency-window",
+        type=parse_count,
+        default=None,
+        help="push keys (and acks) the job remembers (default: the server's, 100k); each costs about 0.5-1 KB until the window is full",
+    )
     parser.add_argument("--baseline-calls", type=parse_count, default=200, help="calls of each RPC for the unloaded reference (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the schedule and the payload (default: 0)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results (default: bench/results/load.json)")
@@ -849,6 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         push_interval_s=args.push_interval,
         buffer_size=args.buffer_size,
         max_workers=args.max_workers,
+        idempotency_window=args.idempotency_window,
         baseline_calls=args.baseline_calls,
         seed=args.seed,
     )

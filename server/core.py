@@ -30,6 +30,7 @@ back into the job. Job._lock and Roster._lock are never held together.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
 import types
@@ -476,7 +477,8 @@ class Job:
         return PushOutcome(first.version_at_arrival, first.staleness, first.staleness_weight, first.version_after, duplicate=True)
 
     def _remember(self, header: UpdateHeader, outcome: PushOutcome) -> None:
-        self._acks[header.idempotency_key] = _Remembered(header.client_id, header.base_version, header.num_samples, outcome)
+        # interned: a client's id is then stored once, not once per remembered push
+        self._acks[header.idempotency_key] = _Remembered(sys.intern(header.client_id), header.base_version, header.num_samples, outcome)
         while len(self._acks) > self.config.idempotency_window:
             self._acks.popitem(last=False)
 
