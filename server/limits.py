@@ -245,15 +245,16 @@ class StreamClock:
 @dataclass(frozen=True)
 class _Watched:
     clock: StreamClock
-    cancel: Callable[[], None]
+    cancel: Callable[[str], None]
     peer: str
 
 
 class StreamWatchdog:
     """A thread that cancels streams whose peer has gone silent.
 
-    `cancel` is whatever frees the handler (the servicer passes gRPC's
-    `context.cancel`); it is called outside the watchdog's lock."""
+    `cancel(reason)` is whatever ends the call and frees its handler (the
+    interceptor ends it with DEADLINE_EXCEEDED and the reason); it is called
+    outside the watchdog's lock."""
 
     def __init__(self, interval_s: float = WATCHDOG_INTERVAL_S, *, on_cancel: Callable[[str], None] | None = None) -> None:
         self.interval_s = interval_s
@@ -263,7 +264,7 @@ class StreamWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def watch(self, clock: StreamClock, cancel: Callable[[], None], peer: str = "") -> None:
+    def watch(self, clock: StreamClock, cancel: Callable[[str], None], peer: str = "") -> None:
         with self._lock:
             self._watched[id(clock)] = _Watched(clock, cancel, peer)
 
@@ -283,7 +284,7 @@ class StreamWatchdog:
             LOG.warning("cancelling %s from %s: %s", entry.clock.rpc, entry.peer or "a client", reason)
             if self._on_cancel is not None:  # counted before the client can see the cancel
                 self._on_cancel(reason)
-            entry.cancel()
+            entry.cancel(reason)
         return len(overdue)
 
     def start(self) -> None:

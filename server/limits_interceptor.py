@@ -16,13 +16,12 @@ streams among them are timed message by message:
 
 A peer that goes silent blocks the handler thread inside gRPC (reading the
 next message, or sending into a full flow-control window), where none of the
-checks above can run. The StreamWatchdog calls `context.cancel()` on such a
-call from its own thread, which wakes the handler: it sees the request stream
-fail or end, and the wrapper turns either into StreamDeadlineExceeded, so a
-stream cut off this way is never taken as complete and nothing of it is
-applied. gRPC's server-side cancel carries no status of the server's choosing:
-the client sees CANCELLED (details "CANCELLED"); the server logs a warning
-with the reason and counts it in `ServerLimits.stats` ("streams_cancelled").
+checks above can run. The StreamWatchdog ends such a call from its own
+thread with DEADLINE_EXCEEDED and the reason (see `_ender`), which wakes the
+handler: it sees the request stream fail or end, and the wrapper turns either
+into StreamDeadlineExceeded, so a stream cut off this way is never taken as
+complete and nothing of it is applied. The server also logs a warning with
+the reason and counts it in `ServerLimits.stats` ("streams_cancelled").
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from grpc._cython import cygrpc
 
 from proto import tributary_pb2 as pb
 from server.errors import RetryLater, StreamDeadlineExceeded
@@ -101,6 +101,28 @@ def _end_wait(clock: StreamClock, limits: ServerLimits) -> None:
         raise
 
 
+def _ender(context: grpc.ServicerContext) -> Callable[[str], None]:
+    """How the watchdog ends `context`'s call: DEADLINE_EXCEEDED with the reason.
+
+    gRPC's public `context.cancel()` can only send CANCELLED, with no message;
+    the call object behind a server context can send a status and message of
+    our choosing. That object is grpcio's internals, which pyproject.toml pins
+    (grpcio==1.85.1) and tests/integration/test_limits.py checks; should they
+    change, this falls back to the public cancel."""
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+
+    def end(reason: str) -> None:
+        if call is not None:
+            try:
+                call.cancel(cygrpc.StatusCode.deadline_exceeded, reason)
+                return
+            except (AttributeError, TypeError) as error:
+                LOG.warning("cannot end the call with a status (%s); cancelling it instead", error)
+        context.cancel()
+
+    return end
+
+
 class LimitsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type stubs
     def __init__(self, limits: ServerLimits) -> None:
         self._limits = limits
@@ -134,7 +156,7 @@ class LimitsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc s
         def limited(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             slot = self._acquire(context)
             clock = limits.stream_clock(rpc)
-            limits.watchdog.watch(clock, context.cancel, context.peer())
+            limits.watchdog.watch(clock, _ender(context), context.peer())
             try:
                 return behaviour(_WatchedRequests(requests, clock, slot, limits), context)
             finally:
@@ -153,7 +175,7 @@ class LimitsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc s
             # runs the `finally`.
             slot = self._acquire(context)
             clock = limits.stream_clock(rpc)
-            limits.watchdog.watch(clock, context.cancel, context.peer())
+            limits.watchdog.watch(clock, _ender(context), context.peer())
             try:
                 for response in behaviour(request, context):
                     clock.begin_wait()

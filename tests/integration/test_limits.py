@@ -295,7 +295,8 @@ def test_silent_streams_are_cancelled_and_their_threads_freed(serve, held, caplo
         # whole payloads sent, but the stream never closed: not a complete update
         silent = [HeldPush(running, f"silent-{i}", payload_first=True) for i in range(2)]
         for stream in silent:
-            refused(stream.result(), grpc.StatusCode.CANCELLED)  # what gRPC's server-side cancel gives
+            error = refused(stream.result(), grpc.StatusCode.DEADLINE_EXCEEDED)
+            assert "stream_idle_timeout_s=1" in (error.details() or "")
         held.extend(silent)
     assert running.limits.stats.counts()["streams_cancelled"] == 2
     assert caplog.text.count("cancelling Push from") == 2
@@ -332,7 +333,8 @@ def test_a_pull_the_client_stops_reading_is_cancelled(serve) -> None:  # type: i
         wait_until(lambda: running.limits.stats.counts()["streams_cancelled"] == 1, "the stalled pull is cancelled")
         with pytest.raises(grpc.RpcError) as caught:
             list(call)
-    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "stream_idle_timeout_s=1" in (caught.value.details() or "")
     wait_until(lambda: running.limits.streams.in_use == 0, "the pull gave its slot back")
     assert job_info(running).version == 0
 

@@ -170,9 +170,9 @@ def test_the_watchdog_cancels_only_streams_waiting_on_a_silent_peer(clock: FakeC
     silent = StreamClock("Push", timeout_s=600, idle_timeout_s=5, clock=clock)
     busy = StreamClock("Push", timeout_s=600, idle_timeout_s=5, clock=clock)  # the handler is working, not waiting
     fresh = StreamClock("Pull", timeout_s=600, idle_timeout_s=5, clock=clock)
-    watchdog.watch(silent, lambda: cancelled.append("silent"), "ipv4:1.2.3.4:5")
-    watchdog.watch(busy, lambda: cancelled.append("busy"))
-    watchdog.watch(fresh, lambda: cancelled.append("fresh"))
+    watchdog.watch(silent, lambda reason: cancelled.append("silent"), "ipv4:1.2.3.4:5")
+    watchdog.watch(busy, lambda reason: cancelled.append("busy"))
+    watchdog.watch(fresh, lambda reason: cancelled.append("fresh"))
     silent.begin_wait()
     busy.begin_wait()
     busy.end_wait()
@@ -193,7 +193,7 @@ def test_the_watchdog_cancels_only_streams_waiting_on_a_silent_peer(clock: FakeC
 def test_the_watchdog_logs_what_it_cancels(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     watchdog = StreamWatchdog()
     stream = StreamClock("Push", timeout_s=600, idle_timeout_s=1, clock=clock)
-    watchdog.watch(stream, lambda: None, "ipv4:10.0.0.7:5555")
+    watchdog.watch(stream, lambda reason: None, "ipv4:10.0.0.7:5555")
     stream.begin_wait()
     clock.advance(2)
     with caplog.at_level(logging.WARNING, logger="tributary.server.limits"):
@@ -246,7 +246,7 @@ def silenced_requests(clock: FakeClock, ending: BaseException) -> tuple[Iterator
 
     limits = ServerLimits.from_config(ServerConfig(stream_idle_timeout_s=5, insecure=True), clock=clock)
     stream = limits.stream_clock("Push")
-    limits.watchdog.watch(stream, lambda: None)
+    limits.watchdog.watch(stream, lambda reason: None)
     limits.acquire_stream()
 
     class Peer:  # not a generator: one may not raise StopIteration (PEP 479), gRPC's iterator does
