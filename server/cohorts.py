@@ -43,6 +43,12 @@ from server.secagg import CohortAborted, CohortCoordinator
 T = TypeVar("T")
 Observer = Callable[[str, np.ndarray], None]
 
+REJOIN_GRACE_S = 5.0
+"""A client whose join timed out and that asks again within this long keeps
+its place in line (its first arrival time): clients long-poll in rounds (the
+SDK's last 10 s), often shorter than forming_timeout_s, and each new round
+must not restart the wait that lets a smaller cohort form."""
+
 
 @dataclass
 class _Cohort:
@@ -67,14 +73,18 @@ class JoinedCohort:
 
 
 class CohortManager:
-    def __init__(self, job: Job, config: SecAggConfig, observe: Observer | None = None) -> None:
+    def __init__(self, job: Job, config: SecAggConfig, observe: Observer | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.job = job
+        self._clock = clock
         self.config = config
         self._observe = observe
         self._lock = threading.Lock()
         self._formed = threading.Condition(self._lock)
-        self._waiting: list[str] = []
-        self._first_wait: float | None = None
+        self._waiting: dict[str, float] = {}
+        """Client id -> when it started waiting (monotonic): forming_timeout_s
+        counts from the oldest waiter still here, never from one that left."""
+        self._left: dict[str, tuple[float, float]] = {}
+        """Client id -> (arrival, when its join timed out), for REJOIN_GRACE_S."""
         self._placed: dict[str, JoinedCohort] = {}
         self._cohorts: dict[str, _Cohort] = {}
         self._serial = itertools.count(1)
@@ -84,30 +94,40 @@ class CohortManager:
 
     def join(self, client_id: str, wait_s: float) -> JoinedCohort | None:
         """The cohort `client_id` is placed in, or None if none formed in time."""
-        deadline = time.monotonic() + wait_s
+        deadline = self._clock() + wait_s
         with self._formed:
             self._raise_if_closing()
             self._prune()
             if client_id not in self._waiting and client_id not in self._placed:
-                self._waiting.append(client_id)
-                if self._first_wait is None:
-                    self._first_wait = time.monotonic()
+                self._waiting[client_id] = self._arrival(client_id)
             while client_id not in self._placed:
                 self._maybe_form()
                 if client_id in self._placed:
                     break
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self._clock()
                 if remaining <= 0:
-                    if client_id in self._waiting:  # it asks again; a stale entry would join a cohort without it
-                        self._waiting.remove(client_id)
-                    if not self._waiting:
-                        self._first_wait = None
+                    # it asks again; a stale entry would join a cohort without it
+                    arrival = self._waiting.pop(client_id, None)
+                    if arrival is not None:
+                        self._left[client_id] = (arrival, self._clock())
                     return None
                 self._formed.wait(min(remaining, 0.25))
                 self._raise_if_closing()
             joined = self._placed.pop(client_id)
         faults.point("secagg.joined")
         return joined
+
+    def _arrival(self, client_id: str) -> float:
+        """When `client_id` started waiting: now, or its first arrival if its
+        previous join timed out within REJOIN_GRACE_S. Call with the lock held."""
+        now = self._clock()
+        while self._left:  # oldest departures first: forget those past the grace
+            oldest = next(iter(self._left))
+            if now - self._left[oldest][1] <= REJOIN_GRACE_S:
+                break
+            del self._left[oldest]
+        arrival, _ = self._left.pop(client_id, (now, now))
+        return arrival
 
     def _raise_if_closing(self) -> None:
         if self._closing:
@@ -130,14 +150,17 @@ class CohortManager:
 
     def _maybe_form(self) -> None:
         size = self.config.cohort_size
-        waited = time.monotonic() - (self._first_wait or time.monotonic())
+        if not self._waiting:
+            return
+        waited = self._clock() - min(self._waiting.values())
         enough = len(self._waiting) >= size or (
             len(self._waiting) >= self.config.survivors_needed and waited >= self.config.forming_timeout_s
         )
         if not enough:
             return
-        chosen, self._waiting = self._waiting[:size], self._waiting[size:]
-        self._first_wait = time.monotonic() if self._waiting else None
+        chosen = sorted(self._waiting, key=self._waiting.__getitem__)[:size]  # the longest waiting first
+        for client_id in chosen:
+            del self._waiting[client_id]
         self._prune()
         cohort_id = f"{self.job.job_id}-{next(self._serial)}-{secrets.token_hex(4)}"
         members = list(range(1, len(chosen) + 1))
@@ -151,7 +174,7 @@ class CohortManager:
             observe=self._observe,
         )
         plans = coordinator.plans()
-        cohort = _Cohort(coordinator, {m: secrets.token_bytes(16) for m in members}, time.monotonic() + self.config.phase_timeout_s)
+        cohort = _Cohort(coordinator, {m: secrets.token_bytes(16) for m in members}, self._clock() + self.config.phase_timeout_s)
         self._cohorts[cohort_id] = cohort
         for client_id, member in zip(chosen, members):
             self._placed[client_id] = JoinedCohort(plans[member], cohort.tokens[member])
@@ -227,15 +250,15 @@ class CohortManager:
 
     def _close_advertising(self, cohort: _Cohort) -> None:
         cohort.neighbour_keys = cohort.coordinator.close_advertising()
-        cohort.deadline = time.monotonic() + self.config.phase_timeout_s
+        cohort.deadline = self._clock() + self.config.phase_timeout_s
 
     def _close_sharing(self, cohort: _Cohort) -> None:
         cohort.shares_for = cohort.coordinator.close_sharing()
-        cohort.deadline = time.monotonic() + self.config.upload_timeout_s  # members train now
+        cohort.deadline = self._clock() + self.config.upload_timeout_s  # members train now
 
     def _close_input(self, cohort: _Cohort) -> None:
         cohort.unmask_request = cohort.coordinator.close_input()
-        cohort.deadline = time.monotonic() + self.config.phase_timeout_s
+        cohort.deadline = self._clock() + self.config.phase_timeout_s
 
     def _finish(self, cohort: _Cohort) -> None:
         result = cohort.coordinator.finish()
@@ -265,7 +288,7 @@ class CohortManager:
             self._raise_if_aborted(cohort)
             receive()
             while cohort.coordinator.phase is phase:
-                if received() >= expected() or time.monotonic() >= cohort.deadline:
+                if received() >= expected() or self._clock() >= cohort.deadline:
                     try:
                         close()
                     except CohortAborted:
@@ -279,7 +302,7 @@ class CohortManager:
                         raise CohortAborted(f"cohort {cohort.coordinator.cohort_id!r} aborted: {cohort.coordinator.abort_reason}") from error
                     cohort.changed.notify_all()
                     break
-                cohort.changed.wait(max(0.01, min(0.25, cohort.deadline - time.monotonic())))
+                cohort.changed.wait(max(0.01, min(0.25, cohort.deadline - self._clock())))
             self._raise_if_aborted(cohort)
             return result()
 
@@ -307,7 +330,7 @@ class CohortManager:
         """Abort cohorts whose phase deadline passed long ago with nobody left
         to close it (every member vanished), and forget ended cohorts, so their
         masked inputs do not stay in memory. Runs whenever a client joins."""
-        now = time.monotonic()
+        now = self._clock()
         grace = 2 * self.config.phase_timeout_s
         for cohort_id, cohort in list(self._cohorts.items()):
             with cohort.lock:

@@ -118,8 +118,17 @@ class CohortCoordinator:
 
     def receive_advert(self, advert: KeyAdvert) -> None:
         self._check(MessageKind.KEY_ADVERT, advert.cohort_id, advert.member, self.members, self._adverts)
-        if len(advert.share_key) != 32 or len(advert.mask_key) != 32:
+        if len(advert.share_key) != keys.KEY_BYTES or len(advert.mask_key) != keys.KEY_BYTES:
             raise ProtocolViolation("public keys must be 32-byte X25519 keys")
+        for name, public in (("share_key", advert.share_key), ("mask_key", advert.mask_key)):
+            try:
+                keys.check_public_key(public)
+            except ValueError as error:
+                # refused now: forwarded, it would fail every neighbour's key agreement
+                # and the cohort would die only at the phase deadline
+                raise ProtocolViolation(
+                    f"member {advert.member}'s {name} cannot be used: {error}; advertise the public key of a freshly generated X25519 key pair"
+                ) from None
         self._adverts[advert.member] = advert
 
     def receive_shares(self, shares: SealedShares) -> None:

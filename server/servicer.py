@@ -170,6 +170,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatAck:
         with _status_on_error(context):
+            self._authorize(context, request.job_id, request.client_id)
             job = self._core.job(request.job_id)
             _check_id("client_id", request.client_id)
             state = _CLIENT_STATES.get(request.state)

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-__all__ = ["KEY_BYTES", "KeyPair", "agree", "agree_from_private_bytes"]
+__all__ = ["KEY_BYTES", "KeyPair", "agree", "agree_from_private_bytes", "check_public_key"]
 
 KEY_BYTES = 32
 
@@ -48,6 +48,22 @@ class KeyPair:
             raise ValueError(f"an X25519 private key is {KEY_BYTES} bytes, got {len(data)}")
         private = X25519PrivateKey.from_private_bytes(data)
         return cls(private, private.public_key().public_bytes_raw())
+
+
+def check_public_key(public: bytes) -> None:
+    """ValueError unless `public` is a 32-byte X25519 public key that a key
+    agreement can use. A low-order point (all zeros is one) makes every
+    exchange with it give the all-zero secret, which `cryptography` refuses:
+    a coordinator that forwarded such a key would have every neighbour of its
+    sender fail, so it refuses it on arrival instead. The test is one exchange
+    with a throwaway key: the scalar is a multiple of the cofactor after
+    clamping, so any private key detects any low-order point."""
+    if len(public) != KEY_BYTES:
+        raise ValueError(f"an X25519 public key is {KEY_BYTES} bytes, got {len(public)}")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise ValueError("it is a low-order X25519 point (such as 32 zero bytes), with which no key can be agreed") from None
 
 
 def agree(private: X25519PrivateKey, peer_public: bytes, *, info: bytes) -> bytes:

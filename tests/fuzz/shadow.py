@@ -125,6 +125,7 @@ class PlainShadow:
         snapshot = job.snapshot()
         assert snapshot.version == self.version, f"job {self.job_id!r} is at version {snapshot.version}, the acked updates make {self.version}"
         assert job.pending_updates == len(self.round), (job.pending_updates, len(self.round))
+        assert job.stats.updates_accepted == len(self.accepted), f"job {self.job_id!r} counts {job.stats.updates_accepted} updates accepted, {len(self.accepted)} were acked"
         for name, expected in self.tensors.items():
             np.testing.assert_array_equal(snapshot.tensors[name], expected, err_msg=f"job {self.job_id!r} tensor {name!r}")
 

@@ -23,6 +23,13 @@ here. Four parts, run in this order against one server:
   random bytes      random and mutated encodings as each message, random
                     sequences of them for client streams
 
+The server runs with a state directory, so every accepted push goes through
+the durable path (logged to SQLite before it is applied and acknowledged);
+at the end the update log must hold exactly the acknowledged updates, each
+once. Client ids and idempotency keys include NUL, unicode and SQL-looking
+strings, so odd text reaches SQLite. test_fuzz_auth.py fuzzes the same
+server with authentication on.
+
 Every call must end with a status code within the client deadline (2 s: a
 DEADLINE_EXCEEDED is a hang) and the code must be one the contract allows for
 what was sent: UNKNOWN (an unhandled exception) never is, INTERNAL only for
@@ -43,6 +50,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
@@ -63,6 +71,7 @@ from server.core import MAX_NUM_SAMPLES
 from server.servicer import MAX_ID_LENGTH
 from tests.conftest import small_model
 from tests.fuzz.cohort import HonestCohort
+from tests.fuzz.durable import StateDb
 from tests.fuzz.shadow import PlainShadow, SecureShadow
 from tests.fuzz.wire import (
     CALL_TIMEOUT_S,
@@ -114,11 +123,12 @@ FUZZ = settings(
 )
 
 
-def server_config() -> ServerConfig:
+def server_config(state_dir: Path) -> ServerConfig:
     constant = StalenessConfig(kind="constant")
     return ServerConfig(
         address="127.0.0.1:0",
         insecure=True,
+        state_dir=state_dir,
         jobs=(
             # x <- x + delta for every accepted update: the shadow reproduces it exactly
             JobConfig(PLAIN, StrategyConfig(name="fedbuff", buffer_size=1), constant, max_staleness=3, max_update_bytes=4096),
@@ -147,6 +157,7 @@ class World:
     caller: Caller
     shadows: dict[str, PlainShadow]
     secure: SecureShadow
+    state_dir: Path | None = None
     cohort_ids: list[str] = field(default_factory=list)
     stale_refs: list[pb.MemberRef] = field(default_factory=list)
     client_ids: list[str] = field(default_factory=list)
@@ -180,10 +191,25 @@ class World:
             answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
 
-    def send(self, rpc: Rpc, requests: Sequence[bytes | Message], allowed: frozenset[Code], what: str) -> Outcome:
-        outcome = self.caller.call(rpc, requests)
+    def send(
+        self,
+        rpc: Rpc,
+        requests: Sequence[bytes | Message],
+        allowed: frozenset[Code],
+        what: str,
+        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+    ) -> Outcome:
+        outcome = self.caller.call(rpc, requests, metadata=metadata)
         self.judge(rpc, requests, outcome, allowed, what)
         return outcome
+
+    def ok_judge(self, rpc: Rpc) -> Callable[[Any, Any, Sequence[bytes]], None] | None:
+        """What checks an OK answer of `rpc` against the shadows (None: nothing to check)."""
+        return OK_JUDGES.get(rpc.method) if rpc.service == SERVICE_NAME else None
+
+    def accepted_keys(self) -> dict[str, dict[str, str]]:
+        """Job -> idempotency key -> client id of every acknowledged push."""
+        return {job_id: {key: a.client_id for key, a in shadow.accepted.items()} for job_id, shadow in self.shadows.items()}
 
     def judge(self, rpc: Rpc, requests: Sequence[bytes | Message], outcome: Outcome, allowed: frozenset[Code], what: str) -> None:
         """The answer is one the contract allows, says why when it refuses,
@@ -202,7 +228,7 @@ class World:
         else:
             for response in outcome.responses:
                 assert parses(rpc.response_type, response), context()
-            judge_ok = OK_JUDGES.get(rpc.method) if rpc.service == SERVICE_NAME else None
+            judge_ok = self.ok_judge(rpc)
             if judge_ok is not None:
                 try:
                     judge_ok(self, [_as(rpc.request_type, r) for r in requests], outcome.responses)
@@ -269,8 +295,8 @@ OK_JUDGES: dict[str, Callable[[World, Any, Sequence[bytes]], None]] = {
 
 
 @pytest.fixture
-def world() -> Iterator[World]:
-    with running_server(server_config(), {job: MODEL for job in (PLAIN, SYNC, SECURE)}, grace_s=0.5) as running:
+def world(tmp_path: Path) -> Iterator[World]:
+    with running_server(server_config(tmp_path / "state"), {job: MODEL for job in (PLAIN, SYNC, SECURE)}, grace_s=0.5) as running:
         with grpc.insecure_channel(running.address) as channel:
             yield World(
                 running,
@@ -281,6 +307,7 @@ def world() -> Iterator[World]:
                     SYNC: PlainShadow(SYNC, "fedavg", dict(MODEL), max_staleness=None),
                 },
                 secure=SecureShadow(SECURE, dict(MODEL)),
+                state_dir=tmp_path / "state",
             )
 
 
@@ -300,6 +327,13 @@ def test_every_rpc_survives_fuzzing(world: World) -> None:
         assert job.stats.updates_accepted == len(shadow.accepted), job_id
         assert shadow.version > 0, f"no update was ever applied to {job_id!r}: the exact-model check checked nothing"
     assert world.secure.version == world.cohorts_completed > 0
+    assert world.state_dir is not None
+    db = StateDb(world.state_dir)
+    try:
+        db.check_update_log(world.accepted_keys())
+    finally:
+        db.close()
+    assert any(not key.isascii() or "\x00" in key for keys in world.accepted_keys().values() for key in keys), "no odd key reached SQLite"
     sent = world.caller.sent
     assert sum(sent.values()) >= MIN_MESSAGES_TOTAL, world.caller.table()
     for rpc in all_rpcs():
@@ -661,7 +695,8 @@ def _reorder(draft: PushDraft) -> None:
 
 
 def _missing_tensor(draft: PushDraft) -> None:
-    draft.header.header.tensors.pop()
+    # the first, not the last: "extra tensor" appends one, and must not be the one removed
+    draft.header.header.tensors.pop(0)
     _declare(draft.header.header)
 
 
@@ -739,7 +774,14 @@ def fuzz_push_streams(world: World) -> None:
     world.assert_serving()
 
 
-def draw_push(data: st.DataObject, world: World) -> PlannedCall:
+ODD_TEXT = st.sampled_from(["\x00", "a\x00b", "\u00e9\u202e", "\U0001f600", "'; DROP TABLE update_log; --", " ", "%s", "\u65e5\u672c"]) | st.text(max_size=16)
+"""Parts of client ids and idempotency keys: NUL, unicode, SQL, whatever
+text. An accepted push carries them into the update log in SQLite."""
+
+
+def draw_push(data: st.DataObject, world: World, client_for: Callable[[str], str] | None = None) -> PlannedCall:
+    """One push; `client_for(job)` names the client pushing to `job`
+    (default: a new client id for each push)."""
     rpc = world.rpcs["Push"]
     accepted = [a for s in world.shadows.values() for a in s.accepted.values()]
     kind = data.draw(st.sampled_from(["valid"] * 3 + ["defective"] * 8 + ["retry", "conflict"]), label="push kind")
@@ -750,16 +792,26 @@ def draw_push(data: st.DataObject, world: World) -> PlannedCall:
         requests = [pb.PushRequest.FromString(r.SerializeToString()) for r in accepted[pick % len(accepted)].requests]
         if kind == "retry":  # the ack was lost: the same update again is counted once
             return PlannedCall(rpc, requests, frozenset({OK}), "retry of an accepted push")
-        requests[0].update.client_id += "-other"
-        return PlannedCall(rpc, requests, frozenset({IA}), "idempotency key reused by another client")
+        header = requests[0].update
+        if data.draw(st.booleans(), label="conflict by client"):
+            header.client_id += "-other"
+            return PlannedCall(rpc, requests, frozenset({IA}), "idempotency key reused by another client")
+        header.num_samples = 2 if header.num_samples == 1 else 1
+        return PlannedCall(rpc, requests, frozenset({IA}), "idempotency key reused for another update")
     job = data.draw(st.sampled_from([PLAIN, SYNC]), label="job")
     shadow = world.shadows[job]
     serial = world.next_serial()
     staleness = min(data.draw(st.integers(0, 3), label="staleness"), shadow.version) if job == PLAIN else 0
+    odd = data.draw(st.none() | ODD_TEXT, label="odd id text")
+    key = uuid.UUID(int=serial).hex if odd is None else f"{odd}#{uuid.UUID(int=serial).hex}"
+    if client_for is not None:
+        client_id = client_for(job)
+    else:
+        client_id = f"pusher-{serial}" if odd is None else f"{odd}-{serial}"
     header = pb.UpdateHeader(
         job_id=job,
-        client_id=f"pusher-{serial}",
-        idempotency_key=uuid.UUID(int=serial).hex,
+        client_id=client_id,
+        idempotency_key=key,
         base_version=shadow.version - staleness,
         num_samples=data.draw(st.integers(1, 1000) | st.just(MAX_NUM_SAMPLES), label="samples"),
         header=header_to_pb(SPECS),

@@ -110,12 +110,20 @@ class Caller:
     """Sends raw requests on one channel and counts every message sent."""
 
     channel: grpc.Channel
-    metadata: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, str | bytes], ...] = ()
     sent: collections.Counter[str] = field(default_factory=collections.Counter)
     codes: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def call(self, rpc: Rpc, requests: Sequence[bytes | Message], timeout_s: float = CALL_TIMEOUT_S) -> Outcome:
+    def call(
+        self,
+        rpc: Rpc,
+        requests: Sequence[bytes | Message],
+        timeout_s: float = CALL_TIMEOUT_S,
+        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+    ) -> Outcome:
+        """`metadata` replaces the caller's own for this call (credentials)."""
+        credentials = self.metadata if metadata is None else tuple(metadata)
         raw = [r if isinstance(r, bytes) else r.SerializeToString() for r in requests]
         if not rpc.client_streaming and len(raw) != 1:
             raise ValueError(f"{rpc.name} takes exactly one request, got {len(raw)}")
@@ -127,10 +135,10 @@ class Caller:
         responses: list[bytes] = []
         try:
             if rpc.server_streaming:
-                for response in callable_(argument, timeout=timeout_s, metadata=self.metadata):
+                for response in callable_(argument, timeout=timeout_s, metadata=credentials):
                     responses.append(response)
             else:
-                responses.append(callable_(argument, timeout=timeout_s, metadata=self.metadata))
+                responses.append(callable_(argument, timeout=timeout_s, metadata=credentials))
             outcome = Outcome(grpc.StatusCode.OK, "", tuple(responses))
         except grpc.RpcError as error:
             outcome = Outcome(error.code(), error.details() or "", tuple(responses))

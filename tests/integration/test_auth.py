@@ -479,3 +479,18 @@ def test_sdk_refuses_unusable_tokens_before_connecting() -> None:
             Client("127.0.0.1:1", client_id="c1", token=bad)
         with pytest.raises(ValueError, match="one word of printable ASCII"):
             AdminClient("127.0.0.1:1", bad)
+
+
+def test_heartbeats_need_enrolment_in_the_job_and_the_clients_own_id(running: RunningServer) -> None:
+    token = enrol(running, "beater", "a")
+    with Client(running.address, job="a", client_id="beater", token=token, insecure=True) as client:
+        assert client.heartbeat("idle").version == 0
+    with Client(running.address, job="b", client_id="beater", token=token, insecure=True) as client, pytest.raises(PermissionDenied, match="not enrolled in job 'b'"):
+        client.heartbeat("idle")
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.TributaryStub(channel)
+        as_other = pb.HeartbeatRequest(job_id="a", client_id="someone-else", state=pb.CLIENT_STATE_IDLE)
+        assert rpc_error(lambda: stub.Heartbeat(as_other, metadata=(("authorization", f"Bearer {token}"),))).code() == grpc.StatusCode.PERMISSION_DENIED
+        assert rpc_error(lambda: stub.Heartbeat(as_other)).code() == grpc.StatusCode.UNAUTHENTICATED
+    roster = running.core.job("a").roster
+    assert [c.client_id for c in roster.clients()] == ["beater"]

@@ -312,3 +312,39 @@ def test_unmask_response_naming_a_peer_twice_is_refused_and_kept_nowhere() -> No
         snapshot = running.core.job("default").snapshot()
         for name, expected in cohort.expected_aggregate(model).items():
             np.testing.assert_allclose(snapshot.tensors[name], expected, atol=1e-4)
+
+
+def test_a_low_order_public_key_is_refused_at_once_and_the_cohort_goes_on() -> None:
+    """Found by tests/fuzz: AdvertiseKeys took a low-order X25519 key (32 zero
+    bytes), so every neighbour's key agreement failed client-side and the
+    cohort died only at its phase deadline. It is now refused on arrival with
+    FAILED_PRECONDITION; the member may still advertise a real key."""
+    from tests.fuzz.cohort import HonestCohort
+
+    model = small_model()
+    secure = JobConfig(
+        strategy=StrategyConfig(name="fedbuff"),
+        staleness=StalenessConfig(kind="constant"),
+        # deadlines far beyond the test: a refusal must come at once, not from a timeout
+        secure_aggregation=SecAggConfig(cohort_size=3, forming_timeout_s=30.0, phase_timeout_s=60.0, upload_timeout_s=60.0, clip_bound=64.0),
+    )
+    size = sum(t.size for t in model.values())
+    deltas = [np.random.default_rng(i).uniform(-1, 1, size).astype(np.float32) for i in range(3)]
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, jobs=(secure,))
+    with running_server(config, {"default": model}, grace_s=0.5) as running, grpc.insecure_channel(running.address) as channel:
+        cohort = HonestCohort(channel, "default", 0, deltas, [1, 2, 3])
+        cohort.step()  # join
+        own = cohort.refs[0]
+        real = bytes(range(1, 33))
+        for share_key, mask_key, bad in ((bytes(32), real, "share_key"), (real, (1).to_bytes(32, "little"), "mask_key")):
+            advert = pb.KeyAdvertMessage(sender=own, share_key=share_key, mask_key=mask_key)
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.TributaryStub(channel).AdvertiseKeys(advert, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"member {own.member}'s {bad} cannot be used: it is a low-order X25519 point" in caught.value.details()
+        while not cohort.done:  # the refused adverts took no member's place
+            cohort.step()
+        assert cohort.unmask_outcomes == [1, 1, 1]
+        snapshot = running.core.job("default").snapshot()
+        for name, expected in cohort.expected_aggregate(model).items():
+            np.testing.assert_allclose(snapshot.tensors[name], expected, atol=1e-4)

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from proto.secagg.keys import KeyPair, agree, agree_from_private_bytes
+from proto.secagg.keys import KeyPair, agree, agree_from_private_bytes, check_public_key
 
 # RFC 7748, section 6.1
 ALICE_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
@@ -121,3 +121,17 @@ def test_low_order_peer_key_is_refused(point: bytes) -> None:
         agree(KeyPair.generate().private, point, info=INFO)
     with pytest.raises(ValueError, match="peer public key is invalid"):
         agree_from_private_bytes(ALICE_PRIVATE, point, info=INFO)
+
+
+@pytest.mark.parametrize("point", LOW_ORDER_POINTS, ids=lambda p: p.hex()[:8])
+def test_check_public_key_refuses_low_order_points(point: bytes) -> None:
+    with pytest.raises(ValueError, match="low-order X25519 point"):
+        check_public_key(point)
+
+
+def test_check_public_key_takes_real_keys_and_refuses_wrong_lengths() -> None:
+    check_public_key(ALICE_PUBLIC)
+    check_public_key(KeyPair.generate().public)
+    for length in (0, 31, 33):
+        with pytest.raises(ValueError, match="32 bytes"):
+            check_public_key(bytes(length))

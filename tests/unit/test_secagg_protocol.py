@@ -303,6 +303,20 @@ def test_message_replayed_from_an_earlier_cohort_is_rejected() -> None:
         members[1].share_keys(stale)
 
 
+@pytest.mark.parametrize("field", ["share_key", "mask_key"])
+def test_a_low_order_public_key_is_refused_on_arrival(field: str) -> None:
+    """Forwarded, it would fail every neighbour's key agreement; the member
+    may still advertise a usable key, and the cohort completes."""
+    coordinator, members = make_cohort(5)
+    advert = members[1].advertise()
+    with pytest.raises(ProtocolViolation, match=f"member 1's {field} cannot be used: it is a low-order X25519 point"):
+        coordinator.receive_advert(replace(advert, **{field: bytes(32)}))
+    coordinator.receive_advert(advert)
+    for m in range(2, 6):
+        coordinator.receive_advert(members[m].advertise())
+    assert set(coordinator.close_advertising()) == {1, 2, 3, 4, 5}
+
+
 def test_replay_within_a_cohort_is_rejected() -> None:
     coordinator, members = make_cohort(5)
     advert = members[1].advertise()
