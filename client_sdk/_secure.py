@@ -123,6 +123,7 @@ class SecureRound:
                     mask_key_shares=[pb.SealedShare(peer=p, blob=b) for p, b in response.mask_key_shares.items()],
                 ),
             ),
+            retry_transient=True,
         )
         return CohortReceipt(outcome.version, tau, weight)
 
@@ -166,13 +167,16 @@ class SecureRound:
             member.abort()
             self._setup_error = error
 
-    def _call(self, doing: str, call):  # type: ignore[no-untyped-def]
+    def _call(self, doing: str, call, *, retry_transient: bool = False):  # type: ignore[no-untyped-def]
         # Not retried on transient failures (see the module docstring), but a
         # refusal with a server pushback (all stream slots taken) happened
-        # before the server read anything, so it is safe to repeat.
+        # before the server read anything, so it is safe to repeat. Unmask is
+        # the exception (`retry_transient`): the server answers a repeated one
+        # with the version the cohort went into, even after a restart, so a
+        # member whose answer was lost learns its update counted.
         timed = partial(call, timeout=self._client.timeout_s + 600) if isinstance(call, partial) else call
         try:
-            return self._client._with_retries(f"{doing} in a cohort", timed, transient=False)
+            return self._client._with_retries(f"{doing} in a cohort", timed, transient=retry_transient)
         except ServerUnavailable as error:
             # A cohort lives in the server's memory: a server that went away
             # (restart, crash) took it along, and a retry would only be told

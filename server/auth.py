@@ -35,7 +35,7 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import ClientAlreadyEnrolled, ConfigError, InvalidUpdate, NotAuthenticated, PermissionDenied, UnknownClient
+from server.errors import ClientAlreadyEnrolled, ConfigError, InvalidUpdate, NotAuthenticated, PermissionDenied, Unavailable, UnknownClient
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,8 @@ class ClientRegistry:
                 for client_id, job_id in db.execute("SELECT client_id, job_id FROM auth_client_jobs"):
                     jobs.setdefault(client_id, set()).add(job_id)
                 rows = db.execute("SELECT client_id, token_sha256, enrolled_at, revoked_at FROM auth_clients").fetchall()
-        except sqlite3.Error as error:
-            raise ConfigError(f"cannot open the client registry in {self.db_path}: {error}") from error
+        except Unavailable as error:
+            raise ConfigError(f"cannot open the client registry in {self.db_path}: {error.__cause__}") from error
         for client_id, digest, enrolled_at, revoked_at in rows:
             self._remember(bytes(digest), EnrolledClient(client_id, frozenset(jobs.get(client_id, ())), enrolled_at, revoked_at))
 
@@ -152,12 +152,15 @@ class ClientRegistry:
         """A connection for one change. Changes are rare (administration) and
         reads come from memory, so a connection per change costs nothing and
         leaves no connection for the server to close."""
-        db = sqlite3.connect(self.db_path, timeout=10.0)
         try:
-            with db:  # one transaction: commits on success, rolls back on any error
-                yield db
-        finally:
-            db.close()
+            db = sqlite3.connect(self.db_path, timeout=10.0)
+            try:
+                with db:  # one transaction: commits on success, rolls back on any error
+                    yield db
+            finally:
+                db.close()
+        except sqlite3.Error as error:  # e.g. locked past the timeout, disk full: nothing changed
+            raise Unavailable(f"the client registry could not be written ({error}); nothing changed, retry") from error
 
     # -- checks (every RPC) ----------------------------------------------------------
 

@@ -232,7 +232,20 @@ class CohortManager:
         return request
 
     def unmask(self, cohort_id: str, member: int, token: bytes, response: UnmaskResponse) -> int:
+        with self._lock:
+            known = cohort_id in self._cohorts
+        if not known:
+            # A retry whose first answer was lost in a restart: the cohort is
+            # gone from memory, but if its aggregate was logged it was applied
+            # (recovery replays it), and the member should hear so, not retrain.
+            logged = self.job.logged_cohort_version(cohort_id)
+            if logged is not None:
+                return logged
         cohort = self._cohort(cohort_id, member, token)
+        with cohort.lock:
+            if cohort.coordinator.phase is Phase.COMPLETED and member in cohort.coordinator._responses:
+                assert cohort.applied_version is not None
+                return cohort.applied_version  # a retry whose first answer was lost
         faults.point("secagg.unmask")
         version = self._step(
             cohort,

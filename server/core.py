@@ -158,6 +158,13 @@ class Journal(Protocol):
     def published(self, job_id: str, snapshot: ModelSnapshot, seq: int) -> None:
         """A new version exists (cheap: may queue a checkpoint)."""
 
+    def recall(self, job_id: str, idempotency_key: str) -> tuple[UpdateHeader, PushOutcome] | None:
+        """The logged update and ack under this key, if the log still holds it
+        (for a retry whose key the in-memory window has already let go)."""
+
+    def cohort_version(self, job_id: str, cohort_id: str) -> int | None:
+        """The version a logged cohort was applied in; None if it never was."""
+
 
 @dataclass(frozen=True)
 class HeartbeatOutcome:
@@ -250,6 +257,8 @@ class Job:
         with self._lock:
             for header, outcome in acks:
                 self._remember(header, outcome)
+                # replay may have remembered it already: the log's order is the window's
+                self._acks.move_to_end(header.idempotency_key)
 
     @property
     def job_id(self) -> str:
@@ -276,6 +285,11 @@ class Job:
         with self._version_changed:
             self._closing = True
             self._version_changed.notify_all()
+
+    def logged_cohort_version(self, cohort_id: str) -> int | None:
+        """The version a cohort was applied in, from the durable log (None
+        without a state directory, or if it never was applied)."""
+        return self._journal.cohort_version(self.job_id, cohort_id) if self._journal is not None else None
 
     def note_cohort_abort(self, reason: str) -> None:
         with self._lock:
@@ -460,6 +474,11 @@ class Job:
 
     def _recall(self, header: UpdateHeader) -> PushOutcome | None:
         remembered = self._acks.get(header.idempotency_key)
+        if remembered is None and self._journal is not None:
+            logged = self._journal.recall(self.job_id, header.idempotency_key)
+            if logged is not None:
+                self._remember(*logged)
+                remembered = self._acks[header.idempotency_key]
         if remembered is None:
             return None
         if (remembered.client_id, remembered.base_version, remembered.num_samples) != (

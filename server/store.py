@@ -27,6 +27,7 @@ holding its own; this class never calls into a job while holding its lock).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from safetensors import SafetensorError
@@ -51,6 +53,12 @@ from server.errors import ServerError, StateError, Unavailable
 log = logging.getLogger("tributary.server")
 
 DATABASE_NAME = "tributary.db"
+LOCK_NAME = "lock"
+"""Held (flock) by the one server using the directory: two writers would
+interleave their logs and leave the directory unrecoverable."""
+REPLAYABLE_CHECKPOINTS = 3
+"""Update payloads are kept until this many of the newest checkpoints cover
+them (fewer if fewer are kept): recovery can fall back that far."""
 SCHEMA_VERSION = "1"
 PART_BYTES = 64 << 20
 """Payloads are stored in parts: SQLite caps one value at 1 GB."""
@@ -155,8 +163,10 @@ class StateStore:
     def __init__(self, state_dir: Path, retention: RetentionConfig = RetentionConfig()) -> None:
         self.state_dir = Path(state_dir)
         self.retention = retention
+        self._lock_file: IO[str] | None = None
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _lock_exclusively(self.state_dir / LOCK_NAME)
             (self.state_dir / "checkpoints").mkdir(exist_ok=True)
             self._db = sqlite3.connect(self.state_dir / DATABASE_NAME, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -171,8 +181,10 @@ class StateStore:
                 elif found[0] != SCHEMA_VERSION:
                     raise StateError(f"state directory {self.state_dir} has schema {found[0]}; this server reads {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
+            self._release_lock()
             raise StateError(f"state directory {self.state_dir}: {DATABASE_NAME} cannot be used: {error}") from error
         except OSError as error:
+            self._release_lock()
             raise StateError(f"state directory {self.state_dir} cannot be used: {error}") from error
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
@@ -341,6 +353,23 @@ class StateStore:
             self._db.execute("DELETE FROM versions WHERE seq = ? AND seq > 0", (seq,))
             self._db.execute("DELETE FROM update_log WHERE seq = ?", (seq,))
 
+    def recall(self, job_id: str, idempotency_key: str) -> tuple[UpdateHeader, PushOutcome] | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM update_log WHERE job_id = ? AND idempotency_key = ?", (job_id, idempotency_key)
+            ).fetchone()
+        if row is None:
+            return None
+        job = self._jobs[job_id]
+        return _header_and_outcome(job, _Entry(*row), with_specs=False)
+
+    def cohort_version(self, job_id: str, cohort_id: str) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version_after FROM update_log WHERE job_id = ? AND kind = 'cohort' AND cohort_id = ?", (job_id, cohort_id)
+            ).fetchone()
+        return None if row is None else int(row[0])
+
     def published(self, job_id: str, snapshot: ModelSnapshot, seq: int) -> None:
         with self._lock:
             self._latest[job_id] = published = _Published(snapshot, seq)
@@ -400,7 +429,10 @@ class StateStore:
             for version, file in old:
                 self._db.execute("DELETE FROM checkpoints WHERE job_id = ? AND version = ?", (job_id, version))
                 stale.append(file)
-        (oldest_seq,) = self._db.execute("SELECT MIN(seq) FROM checkpoints WHERE job_id = ?", (job_id,)).fetchone()
+        replayable = min(keep, REPLAYABLE_CHECKPOINTS) if keep else REPLAYABLE_CHECKPOINTS
+        (oldest_seq,) = self._db.execute(
+            "SELECT MIN(seq) FROM (SELECT seq FROM checkpoints WHERE job_id = ? ORDER BY version DESC LIMIT ?)", (job_id, replayable)
+        ).fetchone()
         self._db.execute(
             "DELETE FROM update_payloads WHERE seq IN (SELECT seq FROM update_log WHERE job_id = ? AND seq <= ?)", (job_id, oldest_seq)
         )
@@ -441,14 +473,21 @@ class StateStore:
                 self._write_checkpoint(job_id, published)
         with self._lock:
             self._db.close()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        lock_file = getattr(self, "_lock_file", None)
+        if lock_file is not None:
+            lock_file.close()  # closing the file releases the flock
+            self._lock_file = None
 
     # -- machinery ---------------------------------------------------------------------
 
     def _insert(self, sql: str, values: tuple[object, ...]) -> int:
         try:
             cursor = self._db.execute(sql, values)
-        except sqlite3.IntegrityError as error:
-            raise StateError(f"update log refused an entry: {error}") from error
+        except sqlite3.IntegrityError as error:  # the key is logged already (Job._recall looks there first)
+            raise Unavailable(f"the update log refused this entry ({error}); nothing was applied, retry") from error
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
@@ -530,6 +569,25 @@ def _check_settings(job_id: str, stored: dict[str, object], given: dict[str, obj
             f"job {job_id!r} in {state_dir} was created with other settings ({details}); "
             "start with the same settings, or use a new --state-dir"
         )
+
+
+def _lock_exclusively(path: Path) -> IO[str]:
+    lock_file = open(path, "a+")
+    try:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "another process"
+        lock_file.close()
+        raise StateError(
+            f"state directory {path.parent} is in use by {holder}; one server per state directory "
+            "(stop the other one first, or give this one another --state-dir)"
+        ) from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(f"tributary server pid {os.getpid()}\n")
+    lock_file.flush()
+    return lock_file
 
 
 def _fsync_directory(path: Path) -> None:

@@ -536,6 +536,8 @@ def protocol_call(plan: dict[str, Any], world: World, cohort: HonestCohort, *, c
     allowed = {NF} if kind == "unknown job" else {FP}
     if kind == "stale" and ref.cohort_id in world.aborted_cohorts:
         allowed = {ABORTED}
+    if kind == "stale" and op == "Unmask" and ref.cohort_id not in world.aborted_cohorts:
+        allowed = {FP, OK}  # a member of a completed cohort asking again is told the version it went into
     if kind == "ghost" or (kind == "forged" and not (cohort.refs or world.stale_refs)):
         allowed = {ABORTED}  # a cohort this server does not know: ended long ago, or lost in a restart
     in_phase = kind == "own token" and _accepted_in(cohort.phase) == op
@@ -898,6 +900,8 @@ def generic_allowed(world: World, rpc: Rpc, requests: Sequence[bytes | Message])
         allowed.add(OK)
     else:
         allowed.add(ABORTED)  # a cohort that aborted, or one this server does not know
+        if rpc.method == "Unmask" and world.cohorts_completed:
+            allowed.add(OK)  # a member of a completed cohort (its real token) asking again for its outcome
     if any(isinstance(r, bytes) and not parses(rpc.request_type, r) for r in requests):
         allowed.add(Code.INTERNAL)
     return frozenset(allowed)

@@ -181,3 +181,42 @@ def test_shutdown_releases_waiting_members_turns_unhealthy_and_saves_state(tmp_p
     assert took < 30, took
     assert len(outcomes) == 2 and all(isinstance(e, CohortAborted) for e in outcomes), outcomes
     assert (tmp_path / DATABASE_NAME).exists()
+
+
+def test_a_second_server_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    with running_server(config(tmp_path), {"default": small_model()}, grace_s=0.5) as running:
+        push(running, 0)
+        with pytest.raises(ConfigError, match=r"is in use by tributary server pid \d+; one server per state directory"):
+            with running_server(config(tmp_path), {"default": small_model()}):
+                pass
+        push(running, 1)  # the first one goes on, untouched
+    with running_server(config(tmp_path), {"default": small_model()}, grace_s=0.5) as running:  # and the lock is free again
+        assert running.core.job("default").pending_updates == 2
+
+
+def test_a_retry_beyond_the_memory_window_gets_its_first_ack_from_the_log(tmp_path: Path) -> None:
+    small_window = JobConfig(strategy=StrategyConfig(name="fedbuff", buffer_size=3), idempotency_window=2)
+    with running_server(config(tmp_path, small_window), {"default": small_model()}, grace_s=0.5) as running:
+        first = push(running, 0, base=0)
+        for index in range(1, 6):
+            push(running, index, base=0)
+        assert push(running, 0, base=0) == (first[0], True)  # k0 left the 2-key window long ago
+        assert running.core.job("default").stats.updates_accepted == 6
+    with running_server(config(tmp_path, small_window), {"default": small_model()}, grace_s=0.5) as running:
+        assert push(running, 1, base=0)[1] and push(running, 5, base=0)[1]
+        assert running.core.job("default").stats.updates_accepted == 6
+
+
+def test_keeping_every_checkpoint_still_drops_old_payloads(tmp_path: Path) -> None:
+    single = JobConfig(strategy=StrategyConfig(name="fedasync"))
+    with running_server(config(tmp_path, single, checkpoint_every=1, keep_checkpoints=0), {"default": small_model()}, grace_s=0.5) as running:
+        for index in range(8):
+            push(running, index)
+        deadline = time.monotonic() + 10
+        while len(list((tmp_path / "checkpoints" / "default").iterdir())) < 9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(list((tmp_path / "checkpoints" / "default").iterdir())) == 9  # v0 to v8: all kept
+    db = sqlite3.connect(tmp_path / DATABASE_NAME)
+    with_payload = [seq for (seq,) in db.execute("SELECT DISTINCT seq FROM update_payloads ORDER BY seq")]
+    db.close()
+    assert with_payload == [7, 8]  # enough to replay from any of the 3 newest checkpoints (v6, v7, v8)

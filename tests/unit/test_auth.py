@@ -20,7 +20,7 @@ from server.auth import (
     bearer_token,
     new_token,
 )
-from server.errors import ClientAlreadyEnrolled, InvalidUpdate, NotAuthenticated, PermissionDenied, UnknownClient
+from server.errors import Unavailable, ClientAlreadyEnrolled, InvalidUpdate, NotAuthenticated, PermissionDenied, UnknownClient
 
 ADMIN = "trb_admin_" + "a" * 40
 
@@ -157,7 +157,7 @@ def test_a_change_that_fails_to_commit_changes_nothing(db: Path, registry: Clien
     with sqlite3.connect(db) as connection:
         connection.execute("DROP TABLE auth_client_jobs")  # the second statement of enrol will fail
     connection.close()
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(Unavailable, match="no such table: auth_client_jobs"):  # UNAVAILABLE to the admin
         registry.enrol("c1", ["b"], rotate=True)
     assert registry.authenticate(old).job_ids == {"a"}  # memory: untouched
     with sqlite3.connect(db) as connection:  # disk: the first statement was rolled back
