@@ -114,6 +114,7 @@ class Settings:
     buffer_size: int
     max_workers: int | None
     idempotency_window: int | None
+    durable: bool
     baseline_calls: int
     seed: int
 
@@ -393,6 +394,7 @@ class ServerProcess:
             f'address = "{LOOPBACK}:0"',
             "insecure = true  # loopback; the simulated devices use plaintext channels",
             *([f"max_workers = {settings.max_workers}"] if settings.max_workers is not None else []),
+            *([f'state_dir = "{log_path.parent.resolve() / "state"}"'] if settings.durable else []),
             "[[jobs]]",
             f'id = "{JOB_ID}"',
             f'initial_model = "{model_path.resolve()}"',
@@ -836,6 +838,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="push keys (and acks) the job remembers (default: the server's, 100k); each costs about 0.5-1 KB until the window is full",
     )
+    parser.add_argument(
+        "--durable", action="store_true", help="run the server with a state directory (every push fsynced before its ack)"
+    )
     parser.add_argument("--baseline-calls", type=parse_count, default=200, help="calls of each RPC for the unloaded reference (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the schedule and the payload (default: 0)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results (default: bench/results/load.json)")
@@ -861,6 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         buffer_size=args.buffer_size,
         max_workers=args.max_workers,
         idempotency_window=args.idempotency_window,
+        durable=args.durable,
         baseline_calls=args.baseline_calls,
         seed=args.seed,
     )
