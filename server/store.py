@@ -169,6 +169,7 @@ class StateStore:
             self._lock_file = _lock_exclusively(self.state_dir / LOCK_NAME)
             (self.state_dir / "checkpoints").mkdir(exist_ok=True)
             self._db = sqlite3.connect(self.state_dir / DATABASE_NAME, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA page_size=65536")  # payloads are large blobs: fewer, larger pages (new databases only)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # WAL + FULL: each commit is fsynced before it returns
             with self._transaction():
