@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from client_sdk._auth import BearerToken
-from client_sdk._tls import ClientTLS, open_channel
+from client_sdk._tls import ClientTLS, channel_for
 from client_sdk._client import _STRATEGY_NAMES
 from client_sdk._errors import TributaryError, translate
 from proto import tributary_pb2 as pb
@@ -77,9 +77,7 @@ class AdminClient:
         bearer = BearerToken(admin_token)
         self.address = address
         self.timeout_s = timeout_s
-        if channel is not None and (tls is not None or insecure):
-            raise ValueError("a channel of your own carries its own credentials: give channel, or tls/insecure, not both")
-        self._channel = grpc.intercept_channel(channel or open_channel(address, tls, insecure), bearer)
+        self._channel = grpc.intercept_channel(channel_for(address, tls, insecure, channel), bearer)
         self._stub = pb_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]  # generated, unannotated
 
     def __enter__(self) -> AdminClient:

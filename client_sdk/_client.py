@@ -41,7 +41,7 @@ from client_sdk._errors import (
     tls_failure,
     translate,
 )
-from client_sdk._tls import ClientTLS, open_channel
+from client_sdk._tls import ClientTLS, channel_for
 from client_sdk._auth import BearerToken
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
@@ -178,12 +178,10 @@ class Client:
         self.retry = retry
         self.timeout_s = timeout_s
         if channel is not None:
-            if tls is not None or insecure:
-                raise ValueError("a channel of your own carries its own credentials: give channel, or tls/insecure, not both")
             self._transport = "custom"
         else:
-            channel = open_channel(address, tls, insecure)
             self._transport = "plaintext" if insecure else ("mtls" if tls is not None and tls.mutual else "tls")
+        channel = channel_for(address, tls, insecure, channel)
         self._channel = grpc.intercept_channel(channel, bearer) if bearer is not None else channel
         self._stub = pb_grpc.TributaryStub(self._channel)
         self.last_pulled_version = 0

@@ -62,18 +62,7 @@ class SecureRound:
 
     def _join_cohort(self) -> None:
         plan_message = self._join()
-        plan = CohortPlan(
-            cohort_id=plan_message.cohort_id,
-            member=plan_message.member,
-            members=tuple(plan_message.members),
-            neighbours=tuple(plan_message.neighbours),
-            threshold=plan_message.threshold,
-            min_survivors=plan_message.min_survivors,
-            bits=plan_message.bits,
-            scale=plan_message.scale,
-            bound=plan_message.bound,
-            vector_length=plan_message.vector_length,
-        )
+        plan = plan_of(plan_message)
         try:
             self._member = CohortMember(plan)
         except ProtocolViolation as error:
@@ -182,6 +171,22 @@ class SecureRound:
             # (restart, crash) took it along, and a retry would only be told
             # so. The cohort is over for this member; it joins a new one.
             raise CohortAborted(f"lost the server while trying to {doing}; this cohort is over, join a new one ({error})") from None
+
+
+def plan_of(message: pb.CohortPlanMessage) -> CohortPlan:
+    """The member's plan, from the server's answer to JoinCohort."""
+    return CohortPlan(
+        cohort_id=message.cohort_id,
+        member=message.member,
+        members=tuple(message.members),
+        neighbours=tuple(message.neighbours),
+        threshold=message.threshold,
+        min_survivors=message.min_survivors,
+        bits=message.bits,
+        scale=message.scale,
+        bound=message.bound,
+        vector_length=message.vector_length,
+    )
 
 
 def _weight(rule: pb.StalenessRule, tau: int, num_samples: int) -> float:

@@ -79,6 +79,15 @@ RECONNECT_OPTIONS = (
 )
 
 
+def channel_for(address: str, tls: ClientTLS | None, insecure: bool, channel: grpc.Channel | None) -> grpc.Channel:
+    """`channel` as it is (it carries its own credentials), else a new one; see `open_channel`."""
+    if channel is None:
+        return open_channel(address, tls, insecure)
+    if tls is not None or insecure:
+        raise ValueError("a channel of your own carries its own credentials: give channel, or tls/insecure, not both")
+    return channel
+
+
 def open_channel(address: str, tls: ClientTLS | None, insecure: bool) -> grpc.Channel:
     """A channel to `address`: TLS unless `insecure`; see Client."""
     if tls is not None and insecure:

@@ -175,7 +175,8 @@ def running_server(
             job.release_waiters()
         grace = config.grace_period_s if grace_s is None else grace_s
         stopped = server.stop(grace)  # refuses new RPCs from now on
-        in_flight.wait_idle(grace)
+        if not in_flight.wait_idle(grace):
+            logger.warning("the grace period of %gs ran out with calls in flight; cancelling them (their clients retry)", grace)
         server.stop(0)  # what is left cannot be work: health Watch streams
         stopped.wait()
         limits.watchdog.stop()

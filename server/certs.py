@@ -39,7 +39,8 @@ DEFAULT_DAYS = 365
 DEFAULT_CA_DAYS = 3650
 DEFAULT_SERVER_NAMES = ("localhost",)
 DEFAULT_IP_ADDRESSES = ("127.0.0.1",)
-_CLOCK_SKEW = datetime.timedelta(minutes=5)
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+"""Certificates start this long before they are made, for peers whose clocks run behind."""
 """Certificates start this long before they are made, so a peer whose clock
 runs a little behind does not refuse a brand-new certificate."""
 CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -146,7 +147,7 @@ def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBu
     now = datetime.datetime.now(datetime.timezone.utc)
     return (
         builder.serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + datetime.timedelta(days=days))
     )
 

@@ -440,8 +440,8 @@ class ServerConfig:
         for job in self.jobs:
             if self.state_dir is not None and self.retention.keep_log_entries < job.idempotency_window:
                 raise ConfigError(
-                    f"keep_log_entries={self.retention.keep_log_entries} is below job {job.job_id!r}'s "
-                    f"idempotency_window={job.idempotency_window}: retried pushes could be counted twice after a restart"
+                    f"keep_log_entries={self.retention.keep_log_entries} is below the idempotency_window="
+                    f"{job.idempotency_window} of job {job.job_id!r}: retried pushes could be counted twice after a restart"
                 )
         if not isinstance(self.auth, bool):
             raise ConfigError(f"auth must be true or false, got {self.auth!r}")

@@ -213,6 +213,8 @@ class Job:
         self._current = ModelSnapshot.copy_of(0, self.specs, initial)
         self._acks: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
         self._journal: Journal | None = None
+        self._window_overflowed = False
+        """Whether keys ever left `_acks` (the log may then hold ones it lacks)."""
         self._closing = False
         self.stats = JobStats()
         self.stats.versions.append((0, self._current.created_at))
@@ -252,9 +254,11 @@ class Job:
             self.stats.updates_accepted += contributors
             self.stats.cohorts_applied += 1
 
-    def remember_acks(self, acks: Iterable[tuple[UpdateHeader, PushOutcome]]) -> None:
-        """Load logged acks (oldest first), so retries after a restart get their first ack."""
+    def remember_acks(self, acks: Iterable[tuple[UpdateHeader, PushOutcome]], *, more_in_log: bool) -> None:
+        """Load logged acks (oldest first), so retries after a restart get their
+        first ack; `more_in_log`: the log holds older ones than these."""
         with self._lock:
+            self._window_overflowed |= more_in_log
             for header, outcome in acks:
                 self._remember(header, outcome)
                 # replay may have remembered it already: the log's order is the window's
@@ -474,7 +478,9 @@ class Job:
 
     def _recall(self, header: UpdateHeader) -> PushOutcome | None:
         remembered = self._acks.get(header.idempotency_key)
-        if remembered is None and self._journal is not None:
+        if remembered is None and self._journal is not None and self._window_overflowed:
+            # Only once keys have left the window can a key be logged but not
+            # remembered: until then a miss is a new update, without a query.
             logged = self._journal.recall(self.job_id, header.idempotency_key)
             if logged is not None:
                 self._remember(*logged)
@@ -500,6 +506,7 @@ class Job:
         self._acks[header.idempotency_key] = _Remembered(sys.intern(header.client_id), header.base_version, header.num_samples, outcome)
         while len(self._acks) > self.config.idempotency_window:
             self._acks.popitem(last=False)
+            self._window_overflowed = True
 
     def _publish(self, params: Mapping[str, np.ndarray], seq: int, *, replaying: bool = False) -> None:
         self._current = ModelSnapshot(self._current.version + 1, self.specs, params)

@@ -294,7 +294,8 @@ class StateStore:
             f"SELECT * FROM (SELECT {_ENTRY_COLUMNS} FROM update_log WHERE job_id = ? AND kind = 'update' ORDER BY seq DESC LIMIT ?) ORDER BY seq",
             (job.job_id, window),
         )
-        job.remember_acks(_header_and_outcome(job, _Entry(*row), with_specs=False) for row in rows.fetchall())
+        (logged,) = self._db.execute("SELECT COUNT(*) FROM update_log WHERE job_id = ? AND kind = 'update'", (job.job_id,)).fetchone()
+        job.remember_acks((_header_and_outcome(job, _Entry(*row), with_specs=False) for row in rows.fetchall()), more_in_log=logged > window)
         stats = job.stats
         pruned = self._db.execute("SELECT pruned_updates FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone()[0]
         (accepted,) = self._db.execute("SELECT COALESCE(SUM(contributors), 0) FROM update_log WHERE job_id = ?", (job.job_id,)).fetchone()

@@ -93,6 +93,11 @@ def test_clients_started_before_the_server_connect_when_it_comes_up(tmp_path: Pa
         (["--initial-model", "/nonexistent/model.safetensors"], "initial model /nonexistent/model.safetensors does not exist"),
         ([], "the job needs a starting model"),
         (["--task", "digits", "--job", "bad id!"], "job id 'bad id!' must be"),
+        (["--task", "digits", "--state-dir", "s", "--checkpoint-every", "0"], "checkpoint_every must be an integer >= 1, got 0"),
+        (["--task", "digits", "--state-dir", "s", "--keep-checkpoints", "-1"], "keep_checkpoints must be an integer >= 0, got -1"),
+        (["--task", "digits", "--state-dir", "s", "--keep-log-entries", "10"], "keep_log_entries=10 is below the idempotency_window=100000 of job 'default'"),
+        (["--task", "digits", "--grace-period", "-1"], "grace_period_s must be a number >= 0, got -1"),
+        (["--task", "digits", "--state-dir", "/dev/null"], "state directory /dev/null cannot be used"),
     ],
 )
 def test_bad_server_flags_are_named(args: list[str], message: str) -> None:

@@ -61,8 +61,7 @@ def test_sigterm_drains_in_flight_work_saves_state_and_exits_zero(tmp_path: Path
         assert getattr(refused.value, "code", None) == grpc.StatusCode.UNAVAILABLE
         release.set()
         pusher.join(30)
-        started = time.monotonic()
-        output, _ = server.communicate(timeout=30)
+        output, _ = server.communicate(timeout=60)
         channel.close()
     finally:
         release.set()
@@ -73,7 +72,7 @@ def test_sigterm_drains_in_flight_work_saves_state_and_exits_zero(tmp_path: Path
     assert ack and ack[0].version_after == 0 and not ack[0].duplicate  # the in-flight push finished and was acked
     assert server.returncode == 0, output
     assert "shutting down (grace period 20s)" in output and f"state saved in {state}" in output
-    assert time.monotonic() - started < 20
+    assert "grace period of 20s ran out" not in output  # it ended when the work did, not on the clock
 
     restarted, address = start_server(*args)
     try:

@@ -13,9 +13,10 @@ import grpc
 import numpy as np
 
 from client_sdk._secagg import CohortMember
+from client_sdk._secure import plan_of
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
-from proto.secagg.protocol import CohortPlan, KeyAdvert, UnmaskRequest
+from proto.secagg.protocol import KeyAdvert, UnmaskRequest
 from proto.tensors import iter_chunks
 
 T = TypeVar("T")
@@ -81,22 +82,7 @@ class HonestCohort:
         self.cohort_id = plans[0].cohort_id
         self.vector_length = plans[0].vector_length
         for plan in plans:
-            self._members.append(
-                CohortMember(
-                    CohortPlan(
-                        cohort_id=plan.cohort_id,
-                        member=plan.member,
-                        members=tuple(plan.members),
-                        neighbours=tuple(plan.neighbours),
-                        threshold=plan.threshold,
-                        min_survivors=plan.min_survivors,
-                        bits=plan.bits,
-                        scale=plan.scale,
-                        bound=plan.bound,
-                        vector_length=plan.vector_length,
-                    )
-                )
-            )
+            self._members.append(CohortMember(plan_of(plan)))
             self.refs.append(pb.MemberRef(job_id=self.job_id, cohort_id=plan.cohort_id, member=plan.member, token=plan.token))
 
     def _step_advertise(self) -> None:
