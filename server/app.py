@@ -168,6 +168,7 @@ def running_server(
             registry=registry, admin_token_file=admin.source if admin else None, admin_token_generated=admin_generated,
         )  # fmt: skip
     finally:
+        in_flight.close()
         health_servicer.enter_graceful_shutdown()
         for manager in cohorts.values():
             manager.shut_down()

@@ -10,9 +10,8 @@ servicer (`server.auth.Authorizer`).
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -61,11 +60,23 @@ class InFlight(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no t
     """Counts the RPCs in progress, health checks aside, so that a shutdown
     can wait for the work in flight and then end what is left (a load
     balancer's health Watch stream never ends by itself) without sitting out
-    the whole grace period."""
+    the whole grace period.
+
+    A call counts from the moment gRPC picks its handler, not from when a
+    worker thread starts it: on a busy machine a call can wait in the pool's
+    queue, and a shutdown that looked only at running calls would cancel it.
+    Once `close` is called, new calls are refused with UNAVAILABLE, so nothing
+    slips in between the health service turning NOT_SERVING and gRPC itself
+    refusing calls."""
 
     def __init__(self) -> None:
         self._count = 0
+        self._closed = False
         self._idle = threading.Condition()
+
+    def close(self) -> None:
+        with self._idle:
+            self._closed = True
 
     def wait_idle(self, timeout_s: float) -> bool:
         with self._idle:
@@ -77,34 +88,38 @@ class InFlight(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no t
         handler = continuation(details)
         if handler is None or details.method.startswith("/grpc.health."):
             return handler
+        with self._idle:
+            if self._closed:
+                return _refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry once it is back")
+            self._count += 1
         return _counted(handler, self)
 
-    @contextlib.contextmanager
-    def _one(self) -> Iterator[None]:
+    def _done(self) -> None:
         with self._idle:
-            self._count += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._count -= 1
-                self._idle.notify_all()
+            self._count -= 1
+            self._idle.notify_all()
 
 
 def _counted(handler: grpc.RpcMethodHandler, in_flight: InFlight) -> grpc.RpcMethodHandler:
-    """`handler` with its behaviour run inside `in_flight._one()`."""
+    """`handler`, telling `in_flight` when its behaviour is over. (A unary
+    call whose client gave up before its request arrived never runs: it
+    stays counted, and a shutdown then waits out the grace period.)"""
 
     def unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            with in_flight._one():
+            try:
                 return behaviour(request, context)
+            finally:
+                in_flight._done()
 
         return run
 
     def streaming(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            with in_flight._one():
+            try:
                 yield from behaviour(request, context)
+            finally:
+                in_flight._done()
 
         return run
 

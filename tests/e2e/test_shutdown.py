@@ -32,6 +32,7 @@ def test_sigterm_drains_in_flight_work_saves_state_and_exits_zero(tmp_path: Path
     args = ("--insecure", "--initial-model", str(tmp_path / "m.safetensors"), "--buffer-size", "2", "--state-dir", str(state), "--grace-period", "20")
     server, address = start_server(*args)
     release = threading.Event()
+    sent_first_chunk = threading.Event()
     ack: list[pb.PushAck] = []
     health_seen: list[int] = []
     try:
@@ -47,13 +48,15 @@ def test_sigterm_drains_in_flight_work_saves_state_and_exits_zero(tmp_path: Path
             yield pb.PushRequest(update=header)
             chunks = list(iter_chunks(delta.values()))
             yield pb.PushRequest(chunk=pb.Chunk(data=chunks[0]))
+            sent_first_chunk.set()
             release.wait(30)  # the server gets SIGTERM while this stream is open
             for data in chunks[1:]:
                 yield pb.PushRequest(chunk=pb.Chunk(data=data))
 
         pusher = threading.Thread(target=lambda: ack.append(stub.Push(requests(), timeout=60)))
         pusher.start()
-        time.sleep(0.5)
+        assert sent_first_chunk.wait(30)
+        time.sleep(1.0)  # for the header to reach the server, which counts the call from then on
         server.send_signal(signal.SIGTERM)
         health_seen.append(next(watch).status)  # the watch stream in flight hears it first
         with Client(address, retry=RetryPolicy(max_attempts=1), insecure=True) as late, pytest.raises(Exception) as refused:
