@@ -13,6 +13,11 @@ Low level (numpy or torch tensors, for apps with their own loop)::
     model = client.pull()                       # PulledModel(version, tensors)
     client.push(model.version, delta, num_samples=n)
     client.heartbeat("training")                # presence; fit() sends these itself
+    client.acquire_training_slot(DeviceState(...))  # jobs with training slots
+
+Devices: `fit(..., device_state=read_state, policy=EligibilityPolicy(require_charging=True))`
+trains only while the policy allows, and asks the server for a training slot
+where the job has them.
 
 Operators administer a server run with --auth through `AdminClient`
 (enrol and revoke clients, status).
@@ -21,7 +26,8 @@ Everything not listed in `__all__` is private and may change.
 """
 
 from client_sdk._admin import AdminClient, EnrolledClient, Enrolment, JobStatus
-from client_sdk._client import Client, ClientState, HeartbeatReply, JobDescription, PulledModel, PushResult, RetryPolicy
+from client_sdk._client import Client, ClientState, HeartbeatReply, JobDescription, PulledModel, PushResult, RetryPolicy, VersionRecord
+from client_sdk._device import DeviceState, Eligibility, EligibilityPolicy, Eligible, Ineligible, SlotGrant
 from client_sdk._errors import (
     CohortAborted,
     JobNotFound,
@@ -37,7 +43,7 @@ from client_sdk._errors import (
     UpdateRejected,
 )
 from client_sdk._tls import ClientTLS
-from client_sdk._training import FitSummary, TrainFn, fit, load_into, model_arrays, pick_device
+from client_sdk._training import EnergyEstimate, FitSummary, TrainFn, fit, load_into, model_arrays, pick_device
 
 __all__ = [
     "AdminClient",
@@ -45,10 +51,16 @@ __all__ = [
     "ClientState",
     "ClientTLS",
     "CohortAborted",
+    "DeviceState",
+    "Eligibility",
+    "EligibilityPolicy",
+    "Eligible",
+    "EnergyEstimate",
     "EnrolledClient",
     "Enrolment",
     "FitSummary",
     "HeartbeatReply",
+    "Ineligible",
     "JobDescription",
     "JobNotFound",
     "JobStatus",
@@ -62,10 +74,12 @@ __all__ = [
     "PushResult",
     "RetryPolicy",
     "ServerUnavailable",
+    "SlotGrant",
     "TLSError",
     "TrainFn",
     "TributaryError",
     "UpdateRejected",
+    "VersionRecord",
     "fit",
     "load_into",
     "model_arrays",

@@ -32,6 +32,10 @@ class JobStatus:
     updates_accepted: int
     pending_updates: int
     enrolled_clients: int
+    energy_joules_total: float = 0.0
+    """Energy clients reported for the updates the job accepted."""
+    active_trainers: int = 0
+    """Training slots held now (jobs with max_concurrent_trainers)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class AdminClient:
                 updates_accepted=job.updates_accepted,
                 pending_updates=job.pending_updates,
                 enrolled_clients=job.enrolled_clients,
+                energy_joules_total=job.energy_joules_total,
+                active_trainers=job.active_trainers,
             )
             for job in answer.jobs
         ]

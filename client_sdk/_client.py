@@ -19,6 +19,7 @@ counted once by the server (which answers with the first ack, `duplicate=True`).
 from __future__ import annotations
 
 import enum
+import math
 import random
 import time
 import uuid
@@ -43,6 +44,7 @@ from client_sdk._errors import (
 )
 from client_sdk._tls import ClientTLS, channel_for
 from client_sdk._auth import BearerToken
+from client_sdk._device import DeviceState, SlotGrant
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import (
@@ -108,6 +110,8 @@ class HeartbeatReply:
     server_time_ms: int
     next_heartbeat_s: float
     """When the server would like the next heartbeat."""
+    slot_lease_s: float = 0.0
+    """What is left of this client's training-slot lease (0.0: it holds none)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,20 @@ class JobDescription:
     updates_accepted: int
     max_update_bytes: int
     secure_aggregation: bool
+    energy_joules_total: float = 0.0
+    """Energy clients reported for the updates the job accepted."""
+    max_concurrent_trainers: int | None = None
+    """Training slots: None when the job has none (train and push at will)."""
+    active_trainers: int = 0
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    version: int
+    published_at: float
+    """Unix time."""
+    energy_joules: float
+    """Energy reported for the updates that went into this version."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +232,34 @@ class Client:
             updates_accepted=info.updates_accepted,
             max_update_bytes=info.max_update_bytes,
             secure_aggregation=info.secure_aggregation,
+            energy_joules_total=info.energy_joules_total,
+            max_concurrent_trainers=info.max_concurrent_trainers or None,
+            active_trainers=info.active_trainers,
         )
+
+    def version_history(self, limit: int = 100) -> list[VersionRecord]:
+        """The job's newest `limit` versions (at most 1000), newest first, with
+        the energy reported for the updates in each."""
+        if not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be between 1 and 1000, got {limit}")
+        request = pb.VersionHistoryRequest(job_id=self.job, limit=limit)
+        history: pb.VersionHistory = self._with_retries("read the version history", lambda: self._stub.GetVersionHistory(request, timeout=self.timeout_s))
+        return [VersionRecord(v.version, v.published_unix_ms / 1000.0, v.energy_joules) for v in history.versions]
+
+    def acquire_training_slot(self, state: DeviceState) -> SlotGrant:
+        """Ask the server for a slot to train in, reporting the device's
+        `state`. Not granted: `retry_after_s` says when to ask again and
+        `reason` why. A job without slots grants every request (lease 0). A
+        granted slot is released by this client's next push to the job, or
+        lapses after `lease_s` unless heartbeats in state training or
+        uploading renew it (`fit` sends them)."""
+        if not isinstance(state, DeviceState):
+            raise ValueError(f"state must be a DeviceState, got {state!r}")
+        request = pb.TrainingSlotRequest(job_id=self.job, client_id=self.client_id, device=_device_to_pb(state))
+        grant: pb.TrainingSlotGrant = self._with_retries(
+            "ask for a training slot", lambda: self._stub.AcquireTrainingSlot(request, timeout=self.timeout_s)
+        )
+        return SlotGrant(grant.granted, grant.version, grant.lease_ms / 1000.0, grant.retry_after_ms / 1000.0, grant.reason)
 
     def pull(self, *, min_version: int = 0, wait_s: float = 0.0) -> PulledModel:
         """The job's current model. With `min_version`, wait up to `wait_s`
@@ -235,11 +280,14 @@ class Client:
         *,
         base_version: int | None = None,
         timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        device: DeviceState | None = None,
     ) -> HeartbeatReply:
         """Tell the server this client is there and what it is doing (`idle`,
         `training` or `uploading`) on `base_version` (default: the version it
-        last pulled). One attempt, no retries: a lost heartbeat is replaced by
-        the next one, sent after `next_heartbeat_s` of the reply."""
+        last pulled), and optionally its `device` state. One attempt, no
+        retries: a lost heartbeat is replaced by the next one, sent after
+        `next_heartbeat_s` of the reply. A training or uploading heartbeat
+        renews this client's training slot."""
         try:
             state = ClientState(state.lower() if isinstance(state, str) else state)
         except ValueError:
@@ -250,12 +298,14 @@ class Client:
         if version < 0:
             raise ValueError(f"base_version must be >= 0 (a version pulled from the server), got {version}")
         request = pb.HeartbeatRequest(job_id=self.job, client_id=self.client_id, state=_STATE_TO_PB[state], base_version=version)
+        if device is not None:
+            request.device.CopyFrom(_device_to_pb(device))
         try:
             ack: pb.HeartbeatAck = self._stub.Heartbeat(request, timeout=min(timeout_s, self.timeout_s))
         except grpc.RpcError as error:
             doing = f"heartbeat on job {self.job!r} at {self.address}"
             raise (tls_failure(error, doing) or translate(error, doing)) from None
-        return HeartbeatReply(ack.version, ack.server_time_ms, ack.next_heartbeat_ms / 1000.0)
+        return HeartbeatReply(ack.version, ack.server_time_ms, ack.next_heartbeat_ms / 1000.0, ack.slot_lease_ms / 1000.0)
 
     def push(
         self,
@@ -264,14 +314,18 @@ class Client:
         *,
         num_samples: int = 1,
         idempotency_key: str | None = None,
+        energy_joules: float = 0.0,
     ) -> PushResult:
         """Send `delta` (trained minus pulled, for every tensor of the model, in
         the model's order), computed against `base_version`. Values may be numpy
-        arrays or torch tensors."""
+        arrays or torch tensors. `energy_joules`: what the update cost the
+        device (e.g. `edge.energy.EnergyModel`); the server sums it per version."""
         if base_version < 0:
             raise ValueError(f"base_version must be >= 0 (a version pulled from the server), got {base_version}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (the examples the update was trained on), got {num_samples}")
+        if isinstance(energy_joules, bool) or not (isinstance(energy_joules, (int, float)) and math.isfinite(energy_joules) and energy_joules >= 0):
+            raise ValueError(f"energy_joules must be a finite number >= 0, got {energy_joules!r}")
         arrays = {name: _to_numpy(value) for name, value in delta.items()}
         key = idempotency_key or uuid.uuid4().hex
         try:
@@ -282,6 +336,7 @@ class Client:
                 base_version=base_version,
                 num_samples=num_samples,
                 header=header_to_pb(specs_of(arrays)),
+                energy_joules=float(energy_joules),
             )
         except MalformedPayload as error:
             raise TributaryError(f"cannot send this update: {error}") from error
@@ -359,6 +414,13 @@ class Client:
                         translated.code, translated.retry_after_s = code, hint
                     raise translated from None
                 time.sleep(max(delay, pushback or 0.0))
+
+
+def _device_to_pb(state: DeviceState) -> pb.DeviceState:
+    message = pb.DeviceState(charging=state.charging, idle=state.idle, unmetered=state.unmetered, profile=state.profile)
+    if state.battery_level is not None:
+        message.battery_level = state.battery_level
+    return message
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -16,6 +16,7 @@ import threading
 import grpc
 
 from client_sdk._client import Client, ClientState
+from client_sdk._device import DeviceState
 from client_sdk._errors import TributaryError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Presence:
         self._changed = threading.Condition()
         self._state = ClientState.IDLE
         self._base_version = 0
+        self._device: DeviceState | None = None
         self._due = True  # announce the client as soon as the thread starts
         self._closing = False
         self._interval_s = DEFAULT_INTERVAL_S
@@ -48,11 +50,13 @@ class Presence:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def set(self, state: ClientState, base_version: int) -> None:
-        """What the client does now; a heartbeat says so without delay."""
+    def set(self, state: ClientState, base_version: int, device: DeviceState | None = None) -> None:
+        """What the client does now (and, if given, the device's state); a
+        heartbeat says so without delay."""
         with self._changed:
-            if (state, base_version) != (self._state, self._base_version):
-                self._state, self._base_version = state, base_version
+            device = device if device is not None else self._device
+            if (state, base_version, device) != (self._state, self._base_version, self._device):
+                self._state, self._base_version, self._device = state, base_version, device
                 self._due = True
                 self._changed.notify()
 
@@ -73,15 +77,15 @@ class Presence:
                 self._changed.wait_for(lambda: self._due or self._closing, timeout=self._interval_s)
                 if self._closing and not self._due:
                     return
-                state, base_version, closing = self._state, self._base_version, self._closing
+                state, base_version, device, closing = self._state, self._base_version, self._device, self._closing
                 self._due = False
-            if not self._send(state, base_version) or closing:
+            if not self._send(state, base_version, device) or closing:
                 return
 
-    def _send(self, state: ClientState, base_version: int) -> bool:
+    def _send(self, state: ClientState, base_version: int, device: DeviceState | None) -> bool:
         """One heartbeat; False when the server will never take one."""
         try:
-            reply = self._client.heartbeat(state, base_version=base_version, timeout_s=CALL_TIMEOUT_S)
+            reply = self._client.heartbeat(state, base_version=base_version, timeout_s=CALL_TIMEOUT_S, device=device)
         except TributaryError as error:
             self.failed += 1
             if error.code == grpc.StatusCode.UNIMPLEMENTED:

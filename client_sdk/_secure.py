@@ -70,8 +70,9 @@ class SecureRound:
         self._rule = plan_message.staleness
         self._ref = pb.MemberRef(job_id=self._client.job, cohort_id=plan.cohort_id, member=plan.member, token=plan_message.token)
 
-    def submit(self, base_version: int, delta: np.ndarray, num_samples: int) -> CohortReceipt:
-        """Upload the masked, weighted delta (flat, model order) and unmask."""
+    def submit(self, base_version: int, delta: np.ndarray, num_samples: int, energy_joules: float = 0.0) -> CohortReceipt:
+        """Upload the masked, weighted delta (flat, model order) and unmask;
+        `energy_joules` travels in the upload's header."""
         if self._setup is None:
             raise RuntimeError("call start() before submit()")
         self._setup.join()
@@ -93,8 +94,12 @@ class SecureRound:
             delta = np.zeros_like(delta)  # too stale: take part (the cohort needs us) but add nothing
         masked = member.masked_input(delta, weight)
 
+        header = pb.MemberRef()
+        header.CopyFrom(ref)
+        header.energy_joules = energy_joules
+
         def requests() -> Iterator[pb.MaskedInputRequest]:
-            yield pb.MaskedInputRequest(header=ref)
+            yield pb.MaskedInputRequest(header=header)
             for data in iter_chunks([masked.vector]):
                 request = pb.MaskedInputRequest()
                 request.chunk.data = data

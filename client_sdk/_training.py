@@ -6,6 +6,7 @@ need it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -14,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client_sdk._client import Client, ClientState, PulledModel, PushResult
+from client_sdk._client import Client, ClientState, JobDescription, PulledModel, PushResult
+from client_sdk._device import DeviceState, EligibilityPolicy, Ineligible, SlotGrant
 from client_sdk._errors import CohortAborted, ModelMismatch, NotAcceptedNow
 from client_sdk._presence import Presence
+
+logger = logging.getLogger("tributary.client")
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +29,10 @@ TrainFn = Callable[["torch.nn.Module", "torch.device"], int]
 """Trains the model in place for one local round; returns the number of examples used."""
 
 SYNC_WAIT_S = 30.0
+MAINS_POWERED = DeviceState(battery_level=None, charging=True, idle=True, unmetered=True)
+"""What a training-slot request reports when the app gives no device_state."""
+EnergyEstimate = Callable[[float, int], float]
+"""(seconds of local training, bytes of the update) -> joules (e.g. edge.energy.EnergyModel)."""
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -85,6 +93,12 @@ class FitSummary:
     last_version: int = 0
     staleness: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    energy_joules: float = 0.0
+    """Energy reported with the accepted pushes."""
+    waited_s: float = 0.0
+    """Time spent waiting for the device to become eligible or for a training slot."""
+    stop_reason: str = ""
+    """Why fit returned: "updates", "duration" or "waited max_wait_s"."""
 
 
 def fit(
@@ -96,9 +110,23 @@ def fit(
     duration_s: float | None = None,
     device: str | None = None,
     on_push: Callable[[PushResult], Any] | None = None,
+    device_state: Callable[[], DeviceState] | None = None,
+    policy: EligibilityPolicy | None = None,
+    energy_estimate: EnergyEstimate | None = None,
+    poll_s: float = 5.0,
+    max_wait_s: float | None = None,
 ) -> FitSummary:
     """Loop pull -> `train_fn(model, device)` -> push delta until `updates`
     pushes were accepted or `duration_s` passed (at least one must be given).
+
+    Before each local round, `device_state()` is read and checked against
+    `policy`; while the policy refuses, fit does not train: it logs the reason,
+    reports the state in its heartbeats (idle) and asks again every `poll_s`.
+    On a job with training slots it then asks the server for one, waiting as
+    the server says while none is free. Waiting counts toward `duration_s`;
+    `max_wait_s` bounds one wait (fit then returns, `stop_reason` says so).
+    `energy_estimate(train_seconds, update_bytes)` gives the joules each
+    push reports.
 
     An update the server refuses as too stale (or, in synchronous rounds,
     arriving after its round closed, or under secure aggregation, in a cohort
@@ -112,8 +140,15 @@ def fit(
     """
     if updates is None and duration_s is None:
         raise ValueError("give `updates` or `duration_s`, or the loop would never end")
+    if policy is not None and device_state is None:
+        raise ValueError("a policy needs device_state, a function returning the device's DeviceState")
+    if not poll_s > 0:
+        raise ValueError(f"poll_s must be > 0 seconds, got {poll_s!r}")
+    if max_wait_s is not None and not max_wait_s >= 0:
+        raise ValueError(f"max_wait_s must be >= 0 seconds, got {max_wait_s!r}")
+    gate = _Gate(client, device_state, policy, poll_s, max_wait_s)
     with Presence(client) as presence:
-        return _fit(client, model, train_fn, presence, updates, duration_s, device, on_push)
+        return _fit(client, model, train_fn, presence, updates, duration_s, device, on_push, gate, energy_estimate)
 
 
 def _fit(
@@ -125,6 +160,8 @@ def _fit(
     duration_s: float | None,
     device: str | None,
     on_push: Callable[[PushResult], Any] | None,
+    gate: _Gate,
+    energy_estimate: EnergyEstimate | None,
 ) -> FitSummary:
     start = time.monotonic()
     summary = FitSummary()
@@ -141,6 +178,15 @@ def _fit(
 
     summary.last_version = pulled.version
     while not done():
+        waited_from = time.monotonic()
+        ready = gate.wait(job, presence, pulled.version, done)
+        summary.waited_s += time.monotonic() - waited_from
+        if isinstance(ready, str):
+            summary.stop_reason = ready
+            break
+        if ready is not None and ready.version != pulled.version:
+            pulled = client.pull()  # the slot is for the job's current version
+            summary.last_version = pulled.version
         presence.set(ClientState.TRAINING, pulled.version)
         cohort = None
         if job.secure_aggregation:
@@ -150,17 +196,22 @@ def _fit(
             cohort.start()  # joins a cohort; its key setup runs while we train
         load_into(model, pulled.tensors)
         model.train()
+        trained_from = time.perf_counter()
         num_samples = max(1, int(train_fn(model, torch_device)))
+        train_s = time.perf_counter() - trained_from
         trained = model_arrays(model, names)
         delta = {name: trained[name] - pulled.tensors[name] for name in names}
+        energy = 0.0
+        if energy_estimate is not None:
+            energy = float(energy_estimate(train_s, sum(array.nbytes for array in delta.values())))
         presence.set(ClientState.UPLOADING, pulled.version)
         try:
             if cohort is not None:
                 flat = np.concatenate([delta[name].reshape(-1) for name in names])
-                receipt = cohort.submit(pulled.version, flat, num_samples)
+                receipt = cohort.submit(pulled.version, flat, num_samples, energy)
                 summary.staleness.append(receipt.staleness)
             else:
-                result = client.push(pulled.version, delta, num_samples=num_samples)
+                result = client.push(pulled.version, delta, num_samples=num_samples, energy_joules=energy)
                 summary.staleness.append(result.staleness)
                 if on_push is not None:
                     on_push(result)
@@ -168,13 +219,68 @@ def _fit(
             summary.updates_refused += 1
         else:
             summary.updates_pushed += 1
+            summary.energy_joules += energy
         presence.set(ClientState.IDLE, pulled.version)
         if done():
             break
         pulled = _next_model(client, pulled.version, job.synchronous, done)
         summary.last_version = pulled.version
+    if not summary.stop_reason:
+        summary.stop_reason = "updates" if updates is not None and summary.updates_pushed >= updates else "duration"
     summary.seconds = time.monotonic() - start
     return summary
+
+
+class _Gate:
+    """Holds training back until the device may train (the app's policy, on
+    the device) and, on a job with training slots, the server granted one."""
+
+    def __init__(
+        self,
+        client: Client,
+        device_state: Callable[[], DeviceState] | None,
+        policy: EligibilityPolicy | None,
+        poll_s: float,
+        max_wait_s: float | None,
+    ) -> None:
+        self._client = client
+        self._device_state = device_state
+        self._policy = policy
+        self._poll_s = poll_s
+        self._max_wait_s = max_wait_s
+
+    def wait(self, job: JobDescription, presence: Presence, version: int, done: Callable[[], bool]) -> SlotGrant | None | str:
+        """The slot granted (None when the job has none), or why fit must stop."""
+        started = time.monotonic()
+        told = ""
+        while True:
+            state = self._device_state() if self._device_state is not None else None
+            if state is not None and not isinstance(state, DeviceState):
+                raise TypeError(f"device_state() must return a DeviceState, got {state!r}")
+            reason, delay = "", self._poll_s
+            decision = self._policy.check(state) if self._policy is not None and state is not None else None
+            if isinstance(decision, Ineligible):
+                reason = f"device not eligible to train: {decision.reason}"
+            elif job.max_concurrent_trainers is None:
+                return None
+            else:
+                grant = self._client.acquire_training_slot(state or MAINS_POWERED)
+                if grant.granted:
+                    return grant
+                reason, delay = f"no training slot: {grant.reason}", max(grant.retry_after_s, 0.01)
+            if reason != told:  # once per change, not once per poll
+                logger.info("client %s waits to train: %s", self._client.client_id, reason)
+                told = reason
+            presence.set(ClientState.IDLE, version, state)
+            waited = time.monotonic() - started
+            if done():
+                return "duration"
+            if self._max_wait_s is not None and waited >= self._max_wait_s:
+                logger.info("client %s stops: waited %.1f s (max_wait_s) to train: %s", self._client.client_id, waited, reason)
+                return "waited max_wait_s"
+            if self._max_wait_s is not None:
+                delay = min(delay, self._max_wait_s - waited)
+            time.sleep(max(0.0, delay))
 
 
 def _next_model(client: Client, version: int, synchronous: bool, done: Callable[[], bool]) -> PulledModel:

@@ -1,6 +1,7 @@
 """Running on and emulating edge devices.
 
-For now: the built-in tasks (`edge.tasks`) that `tributary client` and
-`tributary demo` train. Device profiles, eligibility, compression and the
+The built-in tasks (`edge.tasks`) that `tributary client` and `tributary demo`
+train; energy estimates per update (`edge.energy`); the host's own device
+state (`edge.device_state`, with psutil). Device profiles, eligibility, compression and the
 fleet emulator come later; this package builds on `client_sdk` only.
 """

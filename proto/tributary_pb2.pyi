@@ -80,7 +80,7 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "strategy", "synchronous", "version", "model", "max_staleness", "updates_accepted", "max_update_bytes", "secure_aggregation")
+    __slots__ = ("job_id", "strategy", "synchronous", "version", "model", "max_staleness", "updates_accepted", "max_update_bytes", "secure_aggregation", "energy_joules_total", "max_concurrent_trainers", "active_trainers")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SYNCHRONOUS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,9 @@ class JobInfo(_message.Message):
     UPDATES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_TRAINERS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_TRAINERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     strategy: StrategyKind
     synchronous: bool
@@ -99,7 +102,10 @@ class JobInfo(_message.Message):
     updates_accepted: int
     max_update_bytes: int
     secure_aggregation: bool
-    def __init__(self, job_id: _Optional[str] = ..., strategy: _Optional[_Union[StrategyKind, str]] = ..., synchronous: _Optional[bool] = ..., version: _Optional[int] = ..., model: _Optional[_Union[TensorHeader, _Mapping]] = ..., max_staleness: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
+    energy_joules_total: float
+    max_concurrent_trainers: int
+    active_trainers: int
+    def __init__(self, job_id: _Optional[str] = ..., strategy: _Optional[_Union[StrategyKind, str]] = ..., synchronous: _Optional[bool] = ..., version: _Optional[int] = ..., model: _Optional[_Union[TensorHeader, _Mapping]] = ..., max_staleness: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., secure_aggregation: _Optional[bool] = ..., energy_joules_total: _Optional[float] = ..., max_concurrent_trainers: _Optional[int] = ..., active_trainers: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("job_id", "min_version", "wait_timeout_ms")
@@ -138,20 +144,22 @@ class PushRequest(_message.Message):
     def __init__(self, update: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("job_id", "client_id", "idempotency_key", "base_version", "num_samples", "header")
+    __slots__ = ("job_id", "client_id", "idempotency_key", "base_version", "num_samples", "header", "energy_joules")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     client_id: str
     idempotency_key: str
     base_version: int
     num_samples: int
     header: TensorHeader
-    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
+    energy_joules: float
+    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., energy_joules: _Optional[float] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("job_id", "version_at_arrival", "staleness", "staleness_weight", "version_after", "duplicate")
@@ -170,26 +178,92 @@ class PushAck(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., version_at_arrival: _Optional[int] = ..., staleness: _Optional[int] = ..., staleness_weight: _Optional[float] = ..., version_after: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("job_id", "client_id", "state", "base_version")
+    __slots__ = ("job_id", "client_id", "state", "base_version", "device")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     client_id: str
     state: ClientState
     base_version: int
-    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., state: _Optional[_Union[ClientState, str]] = ..., base_version: _Optional[int] = ...) -> None: ...
+    device: DeviceState
+    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., state: _Optional[_Union[ClientState, str]] = ..., base_version: _Optional[int] = ..., device: _Optional[_Union[DeviceState, _Mapping]] = ...) -> None: ...
 
 class HeartbeatAck(_message.Message):
-    __slots__ = ("version", "server_time_ms", "next_heartbeat_ms")
+    __slots__ = ("version", "server_time_ms", "next_heartbeat_ms", "slot_lease_ms")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     NEXT_HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     version: int
     server_time_ms: int
     next_heartbeat_ms: int
-    def __init__(self, version: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., next_heartbeat_ms: _Optional[int] = ...) -> None: ...
+    slot_lease_ms: int
+    def __init__(self, version: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., next_heartbeat_ms: _Optional[int] = ..., slot_lease_ms: _Optional[int] = ...) -> None: ...
+
+class DeviceState(_message.Message):
+    __slots__ = ("battery_level", "charging", "idle", "unmetered", "profile")
+    BATTERY_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    CHARGING_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    UNMETERED_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    battery_level: float
+    charging: bool
+    idle: bool
+    unmetered: bool
+    profile: str
+    def __init__(self, battery_level: _Optional[float] = ..., charging: _Optional[bool] = ..., idle: _Optional[bool] = ..., unmetered: _Optional[bool] = ..., profile: _Optional[str] = ...) -> None: ...
+
+class TrainingSlotRequest(_message.Message):
+    __slots__ = ("job_id", "client_id", "device")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    client_id: str
+    device: DeviceState
+    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., device: _Optional[_Union[DeviceState, _Mapping]] = ...) -> None: ...
+
+class TrainingSlotGrant(_message.Message):
+    __slots__ = ("granted", "version", "lease_ms", "retry_after_ms", "reason")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    version: int
+    lease_ms: int
+    retry_after_ms: int
+    reason: str
+    def __init__(self, granted: _Optional[bool] = ..., version: _Optional[int] = ..., lease_ms: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class VersionHistoryRequest(_message.Message):
+    __slots__ = ("job_id", "limit")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    limit: int
+    def __init__(self, job_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class VersionRecord(_message.Message):
+    __slots__ = ("version", "published_unix_ms", "energy_joules")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    published_unix_ms: int
+    energy_joules: float
+    def __init__(self, version: _Optional[int] = ..., published_unix_ms: _Optional[int] = ..., energy_joules: _Optional[float] = ...) -> None: ...
+
+class VersionHistory(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionRecord]
+    def __init__(self, versions: _Optional[_Iterable[_Union[VersionRecord, _Mapping]]] = ...) -> None: ...
 
 class JoinCohortRequest(_message.Message):
     __slots__ = ("job_id", "client_id", "wait_timeout_ms")
@@ -244,16 +318,18 @@ class CohortPlanMessage(_message.Message):
     def __init__(self, formed: _Optional[bool] = ..., cohort_id: _Optional[str] = ..., member: _Optional[int] = ..., token: _Optional[bytes] = ..., members: _Optional[_Iterable[int]] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., min_survivors: _Optional[int] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., bound: _Optional[float] = ..., vector_length: _Optional[int] = ..., staleness: _Optional[_Union[StalenessRule, _Mapping]] = ...) -> None: ...
 
 class MemberRef(_message.Message):
-    __slots__ = ("job_id", "cohort_id", "member", "token")
+    __slots__ = ("job_id", "cohort_id", "member", "token", "energy_joules")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     COHORT_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     cohort_id: str
     member: int
     token: bytes
-    def __init__(self, job_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., member: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+    energy_joules: float
+    def __init__(self, job_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., member: _Optional[int] = ..., token: _Optional[bytes] = ..., energy_joules: _Optional[float] = ...) -> None: ...
 
 class KeyAdvertMessage(_message.Message):
     __slots__ = ("sender", "share_key", "mask_key")
@@ -348,20 +424,24 @@ class ServerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "strategy", "version", "updates_accepted", "pending_updates", "enrolled_clients")
+    __slots__ = ("job_id", "strategy", "version", "updates_accepted", "pending_updates", "enrolled_clients", "energy_joules_total", "active_trainers")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPDATES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     PENDING_UPDATES_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_TRAINERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     strategy: StrategyKind
     version: int
     updates_accepted: int
     pending_updates: int
     enrolled_clients: int
-    def __init__(self, job_id: _Optional[str] = ..., strategy: _Optional[_Union[StrategyKind, str]] = ..., version: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., pending_updates: _Optional[int] = ..., enrolled_clients: _Optional[int] = ...) -> None: ...
+    energy_joules_total: float
+    active_trainers: int
+    def __init__(self, job_id: _Optional[str] = ..., strategy: _Optional[_Union[StrategyKind, str]] = ..., version: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., pending_updates: _Optional[int] = ..., enrolled_clients: _Optional[int] = ..., energy_joules_total: _Optional[float] = ..., active_trainers: _Optional[int] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
     __slots__ = ("jobs",)

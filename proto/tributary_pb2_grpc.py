@@ -59,6 +59,16 @@ class TributaryStub:
                 request_serializer=proto_dot_tributary__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=proto_dot_tributary__pb2.HeartbeatAck.FromString,
                 _registered_method=True)
+        self.AcquireTrainingSlot = channel.unary_unary(
+                '/tributary.v1.Tributary/AcquireTrainingSlot',
+                request_serializer=proto_dot_tributary__pb2.TrainingSlotRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.TrainingSlotGrant.FromString,
+                _registered_method=True)
+        self.GetVersionHistory = channel.unary_unary(
+                '/tributary.v1.Tributary/GetVersionHistory',
+                request_serializer=proto_dot_tributary__pb2.VersionHistoryRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.VersionHistory.FromString,
+                _registered_method=True)
         self.JoinCohort = channel.unary_unary(
                 '/tributary.v1.Tributary/JoinCohort',
                 request_serializer=proto_dot_tributary__pb2.JoinCohortRequest.SerializeToString,
@@ -122,6 +132,18 @@ class TributaryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireTrainingSlot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVersionHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def JoinCohort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -180,6 +202,16 @@ def add_TributaryServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=proto_dot_tributary__pb2.HeartbeatRequest.FromString,
                     response_serializer=proto_dot_tributary__pb2.HeartbeatAck.SerializeToString,
+            ),
+            'AcquireTrainingSlot': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireTrainingSlot,
+                    request_deserializer=proto_dot_tributary__pb2.TrainingSlotRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.TrainingSlotGrant.SerializeToString,
+            ),
+            'GetVersionHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVersionHistory,
+                    request_deserializer=proto_dot_tributary__pb2.VersionHistoryRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.VersionHistory.SerializeToString,
             ),
             'JoinCohort': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinCohort,
@@ -324,6 +356,60 @@ class Tributary:
             '/tributary.v1.Tributary/Heartbeat',
             proto_dot_tributary__pb2.HeartbeatRequest.SerializeToString,
             proto_dot_tributary__pb2.HeartbeatAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireTrainingSlot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/AcquireTrainingSlot',
+            proto_dot_tributary__pb2.TrainingSlotRequest.SerializeToString,
+            proto_dot_tributary__pb2.TrainingSlotGrant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVersionHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/GetVersionHistory',
+            proto_dot_tributary__pb2.VersionHistoryRequest.SerializeToString,
+            proto_dot_tributary__pb2.VersionHistory.FromString,
             options,
             channel_credentials,
             insecure,

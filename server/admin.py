@@ -30,6 +30,8 @@ class AdminServicer(pb_grpc.AdminServicer):
                     updates_accepted=job.stats.updates_accepted,
                     pending_updates=job.pending_updates,
                     enrolled_clients=self._registry.enrolled_count(job.job_id),
+                    energy_joules_total=job.energy_joules_total,
+                    active_trainers=job.slots.active if job.slots is not None else 0,
                 )
                 for job in sorted(self._core.jobs.values(), key=lambda j: j.job_id)
             ]

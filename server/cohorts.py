@@ -61,6 +61,10 @@ class _Cohort:
     shares_for: dict[int, dict[int, bytes]] = field(default_factory=dict)
     unmask_request: UnmaskRequest | None = None
     applied_version: int | None = None
+    client_ids: dict[int, str] = field(default_factory=dict)
+    """Member -> the client id it joined as (whose training slot its upload releases)."""
+    energy: dict[int, float] = field(default_factory=dict)
+    """Member -> the energy it reported with its masked input."""
 
     def __post_init__(self) -> None:
         self.changed = threading.Condition(self.lock)
@@ -95,6 +99,8 @@ class CohortManager:
     def join(self, client_id: str, wait_s: float) -> JoinedCohort | None:
         """The cohort `client_id` is placed in, or None if none formed in time."""
         deadline = self._clock() + wait_s
+        # a job with training slots: members join holding one (cohorts count as trainers)
+        self.job.require_slot(client_id)
         with self._formed:
             self._raise_if_closing()
             self._prune()
@@ -175,6 +181,7 @@ class CohortManager:
         )
         plans = coordinator.plans()
         cohort = _Cohort(coordinator, {m: secrets.token_bytes(16) for m in members}, self._clock() + self.config.phase_timeout_s)
+        cohort.client_ids = dict(zip(members, chosen))
         self._cohorts[cohort_id] = cohort
         for client_id, member in zip(chosen, members):
             self._placed[client_id] = JoinedCohort(plans[member], cohort.tokens[member])
@@ -216,12 +223,20 @@ class CohortManager:
                 raise ProtocolViolation(f"uploads are not open in cohort {cohort_id!r} (phase {cohort.coordinator.phase.value})")
         return self.job.snapshot().version
 
-    def upload(self, cohort_id: str, member: int, token: bytes, vector: np.ndarray) -> UnmaskRequest:
+    def upload(self, cohort_id: str, member: int, token: bytes, vector: np.ndarray, energy_joules: float = 0.0) -> UnmaskRequest:
         cohort = self._cohort(cohort_id, member, token)
         faults.point("secagg.upload")
+
+        def receive() -> None:
+            cohort.coordinator.receive_input(MaskedInput(cohort_id, member, vector))
+            cohort.energy[member] = energy_joules
+            client_id = cohort.client_ids.get(member)
+            if client_id is not None:  # its update is in: its training slot is free again
+                self.job.release_slot(client_id, pushed=True)
+
         request = self._step(
             cohort,
-            lambda: cohort.coordinator.receive_input(MaskedInput(cohort_id, member, vector)),
+            receive,
             Phase.MASKED_INPUT,
             expected=lambda: set(cohort.coordinator.shared),
             received=lambda: set(cohort.coordinator._inputs),
@@ -276,8 +291,9 @@ class CohortManager:
     def _finish(self, cohort: _Cohort) -> None:
         result = cohort.coordinator.finish()
         try:
+            energy = sum(cohort.energy.get(member, 0.0) for member in result.survivors)
             cohort.applied_version = self.job.apply_cohort(
-                result.weighted_sum, result.weight_sum, len(result.survivors), cohort.coordinator.cohort_id
+                result.weighted_sum, result.weight_sum, len(result.survivors), cohort.coordinator.cohort_id, energy
             )
         except ServerError as error:  # e.g. an aggregate that would overflow the model
             cohort.coordinator.abort(str(error))

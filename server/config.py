@@ -28,6 +28,8 @@ TOML layout (job keys are flat, like the CLI flags):
     staleness = "polynomial"    # constant | polynomial | hinge
     staleness_a = 0.5
     max_staleness = 50
+    max_concurrent_trainers = 100   # training slots (server/scheduling.py)
+    prefer_charging = true
 """
 
 from __future__ import annotations
@@ -241,6 +243,15 @@ class JobConfig:
     """Clients not heard from for this long are dropped from the job's roster."""
     roster_max_clients: int = 100_000
     """Most clients a job's roster tracks; a new client beyond it is refused (RESOURCE_EXHAUSTED)."""
+    max_concurrent_trainers: int | None = None
+    """Training slots (server/scheduling.py): clients that may train at once; None: no slots,
+    clients train and push whenever they like."""
+    prefer_charging: bool = False
+    """With slots: when they are scarce, charging devices get them first."""
+    min_battery: float | None = None
+    """With slots: turn away devices on battery below this charge (in [0, 1])."""
+    slot_lease_s: float = 120.0
+    """With slots: a slot lapses this long after it was granted or last renewed by a heartbeat."""
 
     def __post_init__(self) -> None:
         if self.secure_aggregation is not None and self.strategy.name != "fedbuff":
@@ -266,10 +277,36 @@ class JobConfig:
             raise ConfigError(
                 f"heartbeat_interval_s must be at most {MAX_HEARTBEAT_INTERVAL_S:g} s, got {self.heartbeat_interval_s!r}"
             )
+        self._check_slots()
         if self.roster_expiry_s < 2 * self.heartbeat_interval_s:
             raise ConfigError(
                 f"roster_expiry_s={self.roster_expiry_s!r} must be at least twice heartbeat_interval_s="
                 f"{self.heartbeat_interval_s!r}, or a client that misses one heartbeat is forgotten"
+            )
+
+    def _check_slots(self) -> None:
+        cap = self.max_concurrent_trainers
+        if cap is None:
+            for name, unset in (("prefer_charging", False), ("min_battery", None)):
+                if getattr(self, name) != unset:
+                    raise ConfigError(f"{name} only applies with training slots: set max_concurrent_trainers too")
+            return
+        if not (_is_int(cap) and cap >= 1):
+            raise ConfigError(f"max_concurrent_trainers must be an integer >= 1, got {cap!r}")
+        if not isinstance(self.prefer_charging, bool):
+            raise ConfigError(f"prefer_charging must be true or false, got {self.prefer_charging!r}")
+        if self.min_battery is not None and not (_is_number(self.min_battery) and 0 <= self.min_battery <= 1):
+            raise ConfigError(f"min_battery must be a number in [0, 1], got {self.min_battery!r}")
+        _positive("slot_lease_s", self.slot_lease_s)
+        if self.slot_lease_s < 2 * self.heartbeat_interval_s:
+            raise ConfigError(
+                f"slot_lease_s={self.slot_lease_s!r} must be at least twice heartbeat_interval_s="
+                f"{self.heartbeat_interval_s!r}, or a training client that misses one heartbeat loses its slot"
+            )
+        if self.secure_aggregation is not None and cap < self.secure_aggregation.cohort_size:
+            raise ConfigError(
+                f"max_concurrent_trainers={cap} is below cohort_size={self.secure_aggregation.cohort_size}: "
+                "cohort members join holding a slot, so no cohort could form; raise max_concurrent_trainers"
             )
 
     @classmethod
@@ -297,7 +334,10 @@ class JobConfig:
                 if not _is_number(value):
                     raise ConfigError(f"{key} must be a number, got {value!r}")
                 staleness[key.removeprefix("staleness_")] = float(value)
-            elif key in ("max_staleness", "max_update_bytes", "idempotency_window", "heartbeat_interval_s", "roster_expiry_s", "roster_max_clients"):
+            elif key in (
+                "max_staleness", "max_update_bytes", "idempotency_window", "heartbeat_interval_s", "roster_expiry_s", "roster_max_clients",
+                "max_concurrent_trainers", "prefer_charging", "min_battery", "slot_lease_s",
+            ):  # fmt: skip
                 job[key] = value
             elif key == "initial_model":
                 job[key] = Path(value)
@@ -309,6 +349,8 @@ class JobConfig:
             raise ConfigError(f"{', '.join(sorted(secagg))} only apply with secure_aggregation = true")
         if secure:
             job["secure_aggregation"] = SecAggConfig(**secagg)
+        if "slot_lease_s" in job and job.get("max_concurrent_trainers") is None:
+            raise ConfigError("slot_lease_s only applies with training slots: set max_concurrent_trainers too")
         return cls(strategy=StrategyConfig(**strategy), staleness=StalenessConfig(**staleness), **job)
 
 

@@ -21,15 +21,23 @@ update durable before it is applied and acknowledged, and `replay_update` /
 code path the updates first took, so the rebuilt model is bit-identical.
 
 Heartbeats go to the job's `Roster` (server/roster.py), which has its own lock,
-so a busy roster never waits on aggregation nor the other way round.
+so a busy roster never waits on aggregation nor the other way round. Training
+slots (server/scheduling.py, jobs with max_concurrent_trainers) are the same.
+
+Energy: each update carries the client's estimate of what it cost (joules).
+The energy of the updates that go into version v is recorded with v (in the
+versions table of the state directory, so it survives restarts); updates
+waiting in a buffer or an open round count as pending until their version.
 
 Lock order: Job._lock, then the journal's own lock; the journal never calls
-back into the job. Job._lock and Roster._lock are never held together.
+back into the job. Job._lock and Roster._lock are never held together;
+TrainingSlots._lock is a leaf (taken with or without Job._lock).
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import sys
 import threading
 import time
@@ -54,12 +62,24 @@ from server.errors import (
     UnknownVersion,
 )
 from server.roster import ClientState, Roster
+from server.scheduling import DeviceReport, SlotDecision, SlotPolicy, TrainingSlots
 from server.strategies import Strategy, all_finite, build_strategy
 
 _FLOAT_KINDS = "f"
 VERSION_LOG_LENGTH = 10_000
 MAX_NUM_SAMPLES = 1 << 32
 """Bounds sample weights, so float64 aggregation buffers cannot overflow."""
+MAX_ENERGY_JOULES = 1e12
+"""Far above any one update (a phone battery holds ~5e4 J), so sums stay finite and meaningful."""
+
+
+def check_energy(energy_joules: float) -> None:
+    """Refuse an energy report that is not a finite number of joules >= 0."""
+    if not (math.isfinite(energy_joules) and 0.0 <= energy_joules <= MAX_ENERGY_JOULES):
+        raise InvalidUpdate(
+            f"energy_joules must be a finite number of joules from 0 to {MAX_ENERGY_JOULES:g}, got {energy_joules!r}; "
+            "nothing was applied"
+        )
 
 
 class ModelSnapshot:
@@ -109,6 +129,8 @@ class UpdateHeader:
     base_version: int
     num_samples: int
     specs: tuple[TensorSpec, ...]
+    energy_joules: float = 0.0
+    """The client's estimate of what the update cost it (training and transfer)."""
 
     @property
     def payload_bytes(self) -> int:
@@ -141,15 +163,23 @@ class JobStats:
     cohorts_aborted: collections.Counter[str] = field(default_factory=collections.Counter)
     versions: collections.deque[tuple[int, float]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
     """(version, unix time published) of the latest versions, the initial one included."""
+    version_energy: collections.deque[tuple[int, float]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
+    """(version, joules reported for the updates that went into it), like `versions`."""
 
 
 class Journal(Protocol):
     """Durable record of what a job accepted (server.store.StateStore)."""
 
-    def record_update(self, job_id: str, header: UpdateHeader, outcome: PushOutcome, delta: Mapping[str, np.ndarray]) -> int:
-        """Store the update and its ack durably; returns its sequence number."""
+    def record_update(
+        self, job_id: str, header: UpdateHeader, outcome: PushOutcome, delta: Mapping[str, np.ndarray], *, version_energy_joules: float = 0.0
+    ) -> int:
+        """Store the update and its ack durably; returns its sequence number.
+        `version_energy_joules`: when the update publishes a version, the
+        energy of every update that went into it."""
 
-    def record_cohort(self, job_id: str, cohort_id: str, weighted_sum: np.ndarray, weight_sum: float, contributors: int, version: int) -> int:
+    def record_cohort(
+        self, job_id: str, cohort_id: str, weighted_sum: np.ndarray, weight_sum: float, contributors: int, version: int, *, energy_joules: float = 0.0
+    ) -> int:
         """Store a securely aggregated cohort durably; returns its sequence number."""
 
     def forget(self, seq: int) -> None:
@@ -172,6 +202,8 @@ class HeartbeatOutcome:
     """The job's current version."""
     server_time_ms: int
     next_heartbeat_s: float
+    slot_lease_s: float = 0.0
+    """What is left of the client's training-slot lease (0: it holds none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +250,23 @@ class Job:
         self._closing = False
         self.stats = JobStats()
         self.stats.versions.append((0, self._current.created_at))
+        self.stats.version_energy.append((0, 0.0))
+        self._energy_published = 0.0
+        """Joules of the updates in published versions."""
+        self._energy_pending = 0.0
+        """Joules of accepted updates not yet in a version (a buffer, an open round)."""
         self.roster = Roster(max_clients=config.roster_max_clients, expiry_s=config.roster_expiry_s)
+        self.slots: TrainingSlots | None = None
+        if config.max_concurrent_trainers is not None:
+            self.slots = TrainingSlots(
+                SlotPolicy(
+                    max_concurrent_trainers=config.max_concurrent_trainers,
+                    lease_s=config.slot_lease_s,
+                    prefer_charging=config.prefer_charging,
+                    min_battery=config.min_battery,
+                    round_size=config.strategy.clients_per_round if config.strategy.synchronous else None,
+                )
+            )
 
     def attach_journal(self, journal: Journal) -> None:
         """Log every accepted update to `journal` from now on (before serving)."""
@@ -235,6 +283,14 @@ class Job:
             self._strategy = build_strategy(self.config.strategy)
             self.stats.versions.clear()
             self.stats.versions.append((version, published_at))
+            self._energy_pending = 0.0  # the buffer is empty; replaying the log refills it
+
+    def restore_energy(self, published_total: float, recent: Iterable[tuple[int, float]]) -> None:
+        """After replay: the energy of every published version, and of the latest ones (oldest first)."""
+        with self._lock:
+            self._energy_published = published_total
+            self.stats.version_energy.clear()
+            self.stats.version_energy.extend(recent)
 
     def replay_update(self, header: UpdateHeader, logged: PushOutcome, delta: Mapping[str, np.ndarray], seq: int) -> None:
         """Apply a logged update again, exactly as `submit` first did."""
@@ -248,9 +304,9 @@ class Job:
             self._take(header, outcome, delta, seq, replaying=True)
             self._remember(header, outcome)
 
-    def replay_cohort(self, weighted_sum: np.ndarray, weight_sum: float, contributors: int, seq: int) -> None:
+    def replay_cohort(self, weighted_sum: np.ndarray, weight_sum: float, contributors: int, seq: int, energy_joules: float = 0.0) -> None:
         with self._lock:
-            self._publish(self._cohort_params(weighted_sum, weight_sum), seq, replaying=True)
+            self._publish(self._cohort_params(weighted_sum, weight_sum), seq, replaying=True, energy=self._energy_pending + energy_joules)
             self.stats.updates_accepted += contributors
             self.stats.cohorts_applied += 1
 
@@ -303,18 +359,57 @@ class Job:
         with self._lock:
             self.stats.rejected[reason] += 1
 
+    @property
+    def energy_joules_total(self) -> float:
+        """Joules reported for every accepted update: published and pending."""
+        with self._lock:
+            return self._energy_published + self._energy_pending
+
+    def version_history(self, limit: int) -> list[tuple[int, float, float]]:
+        """(version, unix time published, joules) of the newest `limit` versions, newest first."""
+        with self._lock:
+            energy = dict(self.stats.version_energy)
+            recent = list(self.stats.versions)[-limit:]
+        return [(version, published, energy.get(version, 0.0)) for version, published in reversed(recent)]
+
+    # -- training slots --------------------------------------------------------
+
+    def acquire_slot(self, client_id: str, device: DeviceReport) -> SlotDecision:
+        """A slot to train on the current version, or why not. A job without
+        slots grants every request and tracks nothing (lease 0)."""
+        if not client_id:
+            raise InvalidUpdate("client_id is empty; a client must name itself to ask for a training slot")
+        version = self._current.version  # no lock: see snapshot()
+        if self.slots is None:
+            return SlotDecision(True, version, reason="this job has no training slots: train whenever the device allows")
+        return self.slots.acquire(client_id, device, version)
+
+    def release_slot(self, client_id: str, *, pushed: bool) -> None:
+        if self.slots is not None:
+            self.slots.release(client_id, pushed=pushed)
+
+    def require_slot(self, client_id: str) -> None:
+        """Refuse a client without a slot, when the job has slots."""
+        if self.slots is not None:
+            self.slots.require(client_id, self.job_id)
+
     # -- presence --------------------------------------------------------------
 
-    def heartbeat(self, client_id: str, state: ClientState, base_version: int) -> HeartbeatOutcome:
-        """Note that `client_id` is there, doing `state` on `base_version`."""
+    def heartbeat(self, client_id: str, state: ClientState, base_version: int, device: DeviceReport | None = None) -> HeartbeatOutcome:
+        """Note that `client_id` is there, doing `state` on `base_version`;
+        a TRAINING or UPLOADING heartbeat renews the client's training slot."""
         version = self._current.version  # no lock: see snapshot()
         if base_version > version:
             raise UnknownVersion(
                 f"base version {base_version} was never published by job {self.job_id!r} "
                 f"(latest is {version}); pull the current model"
             )
-        self.roster.beat(client_id, state, base_version)
-        return HeartbeatOutcome(version, time.time_ns() // 1_000_000, self.config.heartbeat_interval_s)
+        self.roster.beat(client_id, state, base_version, device)
+        lease = 0.0
+        if self.slots is not None:
+            working = state in (ClientState.TRAINING, ClientState.UPLOADING)
+            lease = self.slots.renew(client_id) if working else self.slots.lease_left(client_id)
+        return HeartbeatOutcome(version, time.time_ns() // 1_000_000, self.config.heartbeat_interval_s, lease)
 
     # -- pushing ---------------------------------------------------------------
 
@@ -339,6 +434,8 @@ class Job:
             if remembered is not None:
                 return remembered
             self._check_version(header)
+        # after the idempotency check: a retry of an accepted push needs no slot
+        self.require_slot(header.client_id)
         return None
 
     def submit(self, update: Update) -> PushOutcome:
@@ -354,7 +451,9 @@ class Job:
             outcome = self._outcome_for(header.base_version)
             seq = 0
             if self._journal is not None:
-                seq = self._journal.record_update(self.job_id, header, outcome, update.delta)
+                publishes = outcome.version_after > outcome.version_at_arrival
+                version_energy = self._energy_pending + header.energy_joules if publishes else 0.0
+                seq = self._journal.record_update(self.job_id, header, outcome, update.delta, version_energy_joules=version_energy)
                 faults.point("push.logged")
             try:
                 self._take(header, outcome, update.delta, seq)
@@ -363,7 +462,8 @@ class Job:
                     self._journal.forget(seq)
                 raise
             self._remember(header, outcome)
-            return outcome
+        self.release_slot(header.client_id, pushed=True)
+        return outcome
 
     def _outcome_for(self, base_version: int) -> PushOutcome:
         """The ack of an update taken now; call with the lock held."""
@@ -383,12 +483,14 @@ class Job:
         if new_params is not None:
             if not replaying:
                 faults.point("aggregate.mid")
-            self._publish(new_params, seq, replaying=replaying)
+            self._publish(new_params, seq, replaying=replaying, energy=self._energy_pending + header.energy_joules)
+        else:
+            self._energy_pending += header.energy_joules
         self.stats.updates_accepted += 1
         self.stats.staleness[outcome.staleness] += 1
         self.stats.updates_per_client[header.client_id] += 1
 
-    def apply_cohort(self, weighted_sum: np.ndarray, weight_sum: float, contributors: int, cohort_id: str = "") -> int:
+    def apply_cohort(self, weighted_sum: np.ndarray, weight_sum: float, contributors: int, cohort_id: str = "", energy_joules: float = 0.0) -> int:
         """Apply a securely aggregated cohort as one buffered aggregate:
         x <- x + server_lr * sum(w_i delta_i) / sum(w_i). `weighted_sum` is the
         flat float64 vector of all tensors in model order. Returns the version."""
@@ -397,10 +499,13 @@ class Job:
         with self._lock:
             new_params = self._cohort_params(weighted_sum, weight_sum)
             seq = 0
+            energy = self._energy_pending + energy_joules
             if self._journal is not None:
-                seq = self._journal.record_cohort(self.job_id, cohort_id, weighted_sum, weight_sum, contributors, self._current.version + 1)
+                seq = self._journal.record_cohort(
+                    self.job_id, cohort_id, weighted_sum, weight_sum, contributors, self._current.version + 1, energy_joules=energy
+                )
                 faults.point("secagg.logged")
-            self._publish(new_params, seq)
+            self._publish(new_params, seq, energy=energy)
             self.stats.updates_accepted += contributors
             self.stats.cohorts_applied += 1
             return self._current.version
@@ -439,6 +544,7 @@ class Job:
                 f"num_samples must be between 1 and {MAX_NUM_SAMPLES} (the number of examples the update "
                 f"was trained on), got {header.num_samples}"
             )
+        check_energy(header.energy_joules)
 
     def _check_layout(self, specs: Sequence[TensorSpec]) -> None:
         names = [s.name for s in specs]
@@ -508,9 +614,13 @@ class Job:
             self._acks.popitem(last=False)
             self._window_overflowed = True
 
-    def _publish(self, params: Mapping[str, np.ndarray], seq: int, *, replaying: bool = False) -> None:
+    def _publish(self, params: Mapping[str, np.ndarray], seq: int, *, replaying: bool = False, energy: float = 0.0) -> None:
+        """Publish the next version; `energy`: the joules of every update in it."""
         self._current = ModelSnapshot(self._current.version + 1, self.specs, params)
         self.stats.versions.append((self._current.version, self._current.created_at))
+        self.stats.version_energy.append((self._current.version, energy))
+        self._energy_published += energy
+        self._energy_pending = 0.0
         self._version_changed.notify_all()
         if self._journal is not None and not replaying:
             self._journal.published(self.job_id, self._current, seq)

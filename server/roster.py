@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.errors import InvalidUpdate, LimitExceeded
+from server.scheduling import DeviceReport
 
 MAX_CLIENT_ID_LENGTH = 128
 
@@ -46,6 +47,8 @@ class ClientPresence:
     first_seen: float
     last_seen: float
     heartbeats: int
+    device: DeviceReport | None = None
+    """The device state of its latest heartbeat that carried one."""
 
 
 class Roster:
@@ -64,7 +67,7 @@ class Roster:
         self.refused = 0
         """Heartbeats of new clients refused because the roster was full (cumulative)."""
 
-    def beat(self, client_id: str, state: ClientState, base_version: int) -> ClientPresence:
+    def beat(self, client_id: str, state: ClientState, base_version: int, device: DeviceReport | None = None) -> ClientPresence:
         """Record a heartbeat; returns the client's updated entry."""
         if not client_id:
             raise InvalidUpdate("client_id is empty; every heartbeat names the client that sends it")
@@ -89,6 +92,7 @@ class Roster:
                 first_seen=known.first_seen if known else now,
                 last_seen=now,
                 heartbeats=(known.heartbeats if known else 0) + 1,
+                device=device if device is not None else (known.device if known else None),
             )
             self._clients[client_id] = entry  # now the most recently heard from
             return entry

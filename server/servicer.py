@@ -25,8 +25,9 @@ from proto.metadata import RETRY_PUSHBACK_MS
 import numpy as np
 
 from proto.tensors import MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
-from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader
+from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader, check_energy
 from server.roster import ClientState
+from server.scheduling import DeviceReport
 from proto.secagg.protocol import KeyAdvert, ProtocolViolation, SealedShares, UnmaskResponse
 from server.cohorts import CohortManager
 from server import faults
@@ -76,6 +77,10 @@ _CLIENT_STATES = {
 }
 MAX_LONG_POLL_S = 30.0
 MAX_ID_LENGTH = 128
+DEFAULT_HISTORY = 100
+MAX_HISTORY = 1000
+_RETRIED_REFUSALS = (RetryLater, Unavailable, StreamDeadlineExceeded)
+"""Refusals the SDK retries with the same update: its training slot stays held for the retry."""
 
 
 class TributaryServicer(pb_grpc.TributaryServicer):
@@ -115,6 +120,9 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 updates_accepted=job.stats.updates_accepted,
                 max_update_bytes=job.config.max_update_bytes,
                 secure_aggregation=job.config.secure_aggregation is not None,
+                energy_joules_total=job.energy_joules_total,
+                max_concurrent_trainers=job.config.max_concurrent_trainers or 0,
+                active_trainers=job.slots.active if job.slots is not None else 0,
             )
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
@@ -153,17 +161,23 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 base_version=message.base_version,
                 num_samples=message.num_samples,
                 specs=tuple(specs),
+                energy_joules=message.energy_joules,
             )
-            stored = job.admit(header)
-            if stored is not None:
-                return _ack(job.job_id, stored)
-            assembler = PayloadAssembler(specs)
-            for request in request_iterator:
-                if request.WhichOneof("kind") != "chunk":
-                    raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
-                assembler.add(request.chunk.data)
-                faults.point("push.receiving")
-            outcome = job.submit(Update(header, assembler.finish()))
+            try:
+                stored = job.admit(header)
+                if stored is not None:
+                    return _ack(job.job_id, stored)
+                assembler = PayloadAssembler(specs)
+                for request in request_iterator:
+                    if request.WhichOneof("kind") != "chunk":
+                        raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
+                    assembler.add(request.chunk.data)
+                    faults.point("push.receiving")
+                outcome = job.submit(Update(header, assembler.finish()))
+            except _REFUSALS as error:
+                if not isinstance(error, _RETRIED_REFUSALS):  # refused for good: the slot goes to another client
+                    job.release_slot(header.client_id, pushed=False)
+                raise
             faults.point("push.acking")
             return _ack(job.job_id, outcome)
         raise AssertionError("unreachable: _status_on_error aborts")  # pragma: no cover
@@ -179,11 +193,45 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                     f"heartbeat state {request.state} is not one of IDLE (1), TRAINING (2), UPLOADING (3); "
                     "say what the client is doing"
                 )
-            outcome = job.heartbeat(request.client_id, state, request.base_version)
+            device = _device(request.device) if request.HasField("device") else None
+            outcome = job.heartbeat(request.client_id, state, request.base_version, device)
             return pb.HeartbeatAck(
                 version=outcome.version,
                 server_time_ms=outcome.server_time_ms,
                 next_heartbeat_ms=round(outcome.next_heartbeat_s * 1000),
+                slot_lease_ms=_millis(outcome.slot_lease_s),
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def AcquireTrainingSlot(self, request: pb.TrainingSlotRequest, context: grpc.ServicerContext) -> pb.TrainingSlotGrant:
+        with _status_on_error(context):
+            self._authorize(context, request.job_id, request.client_id)
+            job = self._core.job(request.job_id)
+            _check_id("client_id", request.client_id)
+            if not request.HasField("device"):
+                raise InvalidUpdate("a training-slot request carries the device's state (device); say what the device is doing")
+            decision = job.acquire_slot(request.client_id, _device(request.device))
+            return pb.TrainingSlotGrant(
+                granted=decision.granted,
+                version=decision.version,
+                lease_ms=_millis(decision.lease_s),
+                retry_after_ms=_millis(decision.retry_after_s),
+                reason=decision.reason,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def GetVersionHistory(self, request: pb.VersionHistoryRequest, context: grpc.ServicerContext) -> pb.VersionHistory:
+        with _status_on_error(context):
+            self._authorize(context, request.job_id)
+            job = self._core.job(request.job_id)
+            if request.limit > MAX_HISTORY:
+                raise InvalidUpdate(f"limit must be at most {MAX_HISTORY} versions, got {request.limit}")
+            history = job.version_history(request.limit or DEFAULT_HISTORY)
+            return pb.VersionHistory(
+                versions=[
+                    pb.VersionRecord(version=version, published_unix_ms=round(published * 1000), energy_joules=energy)
+                    for version, published, energy in history
+                ]
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -257,6 +305,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             ref = first.header
             self._authorize(context, ref.job_id)
             manager = self._manager(ref.job_id)
+            check_energy(ref.energy_joules)
             length = manager.job.vector_length + 1
             assembler = PayloadAssembler([TensorSpec("masked", np.dtype("<u4"), (length,))])
             try:
@@ -269,7 +318,7 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 vector = assembler.finish()["masked"]
             except MalformedPayload as error:
                 raise InvalidUpdate(f"masked input must be {length} uint32 values ({4 * length} bytes): {error}") from error
-            unmask = manager.upload(ref.cohort_id, ref.member, ref.token, vector)
+            unmask = manager.upload(ref.cohort_id, ref.member, ref.token, vector, ref.energy_joules)
             return pb.UnmaskRequestMessage(survivors=sorted(unmask.survivors), dropped=sorted(unmask.dropped))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -310,6 +359,21 @@ def _by_peer(shares: Iterable[pb.SealedShare], what: str, who: str = "peer") -> 
             raise InvalidUpdate(f"each {who} may appear once among the {what}; member {share.peer} appears twice")
         by_peer[share.peer] = share.blob
     return by_peer
+
+
+def _device(message: pb.DeviceState) -> DeviceReport:
+    return DeviceReport(
+        battery_level=message.battery_level if message.HasField("battery_level") else None,
+        charging=message.charging,
+        idle=message.idle,
+        unmetered=message.unmetered,
+        profile=message.profile,
+    )
+
+
+def _millis(seconds: float) -> int:
+    """Seconds as uint32 milliseconds (capped, never negative)."""
+    return min(max(0, math.ceil(seconds * 1000)), 2**32 - 1)
 
 
 def _check_id(field: str, value: str) -> None:

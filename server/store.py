@@ -18,7 +18,12 @@ Kept, and for how long:
 - update metadata (key, client, versions, staleness; what answers retried
   pushes and feeds run reports) for the newest `keep_log_entries` per job;
 - the newest `keep_checkpoints` checkpoints per job (0 keeps all);
-- one row per published version, always (a few dozen bytes each).
+- one row per published version, always (a few dozen bytes each), with the
+  energy clients reported for the updates that went into it.
+
+Schema 2 added `energy_joules` to update_log and versions; a schema-1 database
+is migrated in place when opened (old rows count 0 J), after which an older
+server refuses it by its schema number instead of misreading it.
 
 Lock order: the job's lock, then StateStore._lock (the job calls in while
 holding its own; this class never calls into a job while holding its lock).
@@ -59,7 +64,14 @@ interleave their logs and leave the directory unrecoverable."""
 REPLAYABLE_CHECKPOINTS = 3
 """Update payloads are kept until this many of the newest checkpoints cover
 them (fewer if fewer are kept): recovery can fall back that far."""
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+_MIGRATIONS = {
+    "1": (
+        "ALTER TABLE update_log ADD COLUMN energy_joules REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE versions ADD COLUMN energy_joules REAL NOT NULL DEFAULT 0",
+    ),
+}
+"""Schema -> the statements that bring it to SCHEMA_VERSION (in one transaction)."""
 PART_BYTES = 64 << 20
 """Payloads are stored in parts: SQLite caps one value at 1 GB."""
 
@@ -87,6 +99,7 @@ CREATE TABLE IF NOT EXISTS update_log (
     weight_sum REAL,
     contributors INTEGER NOT NULL DEFAULT 1,
     received_at REAL NOT NULL,
+    energy_joules REAL NOT NULL DEFAULT 0,
     UNIQUE (job_id, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS update_log_by_job ON update_log (job_id, seq);
@@ -101,6 +114,7 @@ CREATE TABLE IF NOT EXISTS versions (
     version INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     published_at REAL NOT NULL,
+    energy_joules REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -134,6 +148,7 @@ class _Entry:
     weight_sum: float | None
     contributors: int
     received_at: float
+    energy_joules: float
 
 
 _ENTRY_COLUMNS = ", ".join(f.name for f in dataclasses.fields(_Entry))
@@ -179,6 +194,11 @@ class StateStore:
                 found = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
                 if found is None:
                     self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+                elif found[0] in _MIGRATIONS:
+                    for statement in _MIGRATIONS[found[0]]:
+                        self._db.execute(statement)
+                    self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+                    log.info("state directory %s: migrated schema %s to %s", self.state_dir, found[0], SCHEMA_VERSION)
                 elif found[0] != SCHEMA_VERSION:
                     raise StateError(f"state directory {self.state_dir} has schema {found[0]}; this server reads {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
@@ -219,7 +239,7 @@ class StateStore:
         snapshot = job.snapshot()
         with self._transaction():
             self._db.execute("INSERT INTO jobs (job_id, settings, created_at) VALUES (?, ?, ?)", (job.job_id, settings, time.time()))
-            self._db.execute("INSERT INTO versions VALUES (?, 0, 0, ?)", (job.job_id, snapshot.created_at))
+            self._db.execute("INSERT INTO versions (job_id, version, seq, published_at) VALUES (?, 0, 0, ?)", (job.job_id, snapshot.created_at))
         self._write_checkpoint(job.job_id, _Published(snapshot, 0))
         self._latest[job.job_id] = _Published(snapshot, 0)
 
@@ -279,7 +299,7 @@ class StateStore:
         if payload is None:
             raise StateError(f"job {job.job_id!r}: the payload of log entry {entry.seq} is missing; the state directory is inconsistent")
         if entry.kind == "cohort":
-            job.replay_cohort(np.frombuffer(payload, dtype="<f8"), float(entry.weight_sum or 0.0), entry.contributors, entry.seq)
+            job.replay_cohort(np.frombuffer(payload, dtype="<f8"), float(entry.weight_sum or 0.0), entry.contributors, entry.seq, entry.energy_joules)
             return
         header, outcome = _header_and_outcome(job, entry)
         job.replay_update(header, outcome, _split(payload, job.specs), entry.seq)
@@ -317,37 +337,54 @@ class StateStore:
             (job.job_id, stats.versions.maxlen),
         ).fetchall()
         stats.versions.extend((int(v), float(t)) for v, t in reversed(recent))
+        (published_energy,) = self._db.execute("SELECT COALESCE(SUM(energy_joules), 0) FROM versions WHERE job_id = ?", (job.job_id,)).fetchone()
+        recent_energy = self._db.execute(
+            "SELECT version, energy_joules FROM versions WHERE job_id = ? ORDER BY version DESC LIMIT ?",
+            (job.job_id, stats.version_energy.maxlen),
+        ).fetchall()
+        job.restore_energy(float(published_energy), ((int(v), float(e)) for v, e in reversed(recent_energy)))
 
     # -- the journal (called by jobs, under their lock) -----------------------------
 
-    def record_update(self, job_id: str, header: UpdateHeader, outcome: PushOutcome, delta: Mapping[str, np.ndarray]) -> int:
+    def record_update(
+        self, job_id: str, header: UpdateHeader, outcome: PushOutcome, delta: Mapping[str, np.ndarray], *, version_energy_joules: float = 0.0
+    ) -> int:
         parts = _parts(delta[spec.name] for spec in header.specs)
         now = time.time()
         with self._lock, self._transaction(writing=True):
             seq = self._insert(
                 "INSERT INTO update_log (job_id, kind, idempotency_key, client_id, base_version, num_samples, "
-                "version_at_arrival, staleness, staleness_weight, version_after, received_at) "
-                "VALUES (?, 'update', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "version_at_arrival, staleness, staleness_weight, version_after, received_at, energy_joules) "
+                "VALUES (?, 'update', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, header.idempotency_key, header.client_id, header.base_version, header.num_samples,
-                 outcome.version_at_arrival, outcome.staleness, outcome.staleness_weight, outcome.version_after, now),
-            )
+                 outcome.version_at_arrival, outcome.staleness, outcome.staleness_weight, outcome.version_after, now,
+                 header.energy_joules),
+            )  # fmt: skip
             self._db.executemany("INSERT INTO update_payloads VALUES (?, ?, ?)", ((seq, i, part) for i, part in enumerate(parts)))
             if outcome.version_after > outcome.version_at_arrival:
-                self._db.execute("INSERT INTO versions VALUES (?, ?, ?, ?)", (job_id, outcome.version_after, seq, now))
+                self._insert_version(job_id, outcome.version_after, seq, now, version_energy_joules)
         return seq
 
-    def record_cohort(self, job_id: str, cohort_id: str, weighted_sum: np.ndarray, weight_sum: float, contributors: int, version: int) -> int:
+    def record_cohort(
+        self, job_id: str, cohort_id: str, weighted_sum: np.ndarray, weight_sum: float, contributors: int, version: int, *, energy_joules: float = 0.0
+    ) -> int:
         parts = _parts([np.ascontiguousarray(weighted_sum, dtype="<f8")])
         now = time.time()
         with self._lock, self._transaction(writing=True):
             seq = self._insert(
-                "INSERT INTO update_log (job_id, kind, cohort_id, version_at_arrival, version_after, weight_sum, contributors, received_at) "
-                "VALUES (?, 'cohort', ?, ?, ?, ?, ?, ?)",
-                (job_id, cohort_id, version - 1, version, weight_sum, contributors, now),
+                "INSERT INTO update_log (job_id, kind, cohort_id, version_at_arrival, version_after, weight_sum, contributors, received_at, energy_joules) "
+                "VALUES (?, 'cohort', ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, cohort_id, version - 1, version, weight_sum, contributors, now, energy_joules),
             )
             self._db.executemany("INSERT INTO update_payloads VALUES (?, ?, ?)", ((seq, i, part) for i, part in enumerate(parts)))
-            self._db.execute("INSERT INTO versions VALUES (?, ?, ?, ?)", (job_id, version, seq, now))
+            self._insert_version(job_id, version, seq, now, energy_joules)
         return seq
+
+    def _insert_version(self, job_id: str, version: int, seq: int, published_at: float, energy_joules: float) -> None:
+        self._db.execute(
+            "INSERT INTO versions (job_id, version, seq, published_at, energy_joules) VALUES (?, ?, ?, ?, ?)",
+            (job_id, version, seq, published_at, energy_joules),
+        )
 
     def forget(self, seq: int) -> None:
         with self._lock, self._transaction(writing=True):
@@ -558,6 +595,7 @@ def _header_and_outcome(job: Job, entry: _Entry, *, with_specs: bool = True) -> 
         base_version=entry.base_version,
         num_samples=entry.num_samples,
         specs=job.specs if with_specs else (),
+        energy_joules=float(entry.energy_joules),
     )
     outcome = PushOutcome(entry.version_at_arrival, entry.staleness or 0, entry.staleness_weight or 0.0, entry.version_after)
     return header, outcome

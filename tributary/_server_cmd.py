@@ -20,12 +20,13 @@ _JOB_FLAGS = (
     "normalizer", "clients_per_round", "staleness", "staleness_a", "staleness_b", "max_staleness", "max_update_bytes",
     "secure_aggregation", "cohort_size", "min_survivors", "neighbours", "ring_bits", "clip_bound",
     "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
+    "max_concurrent_trainers", "prefer_charging", "min_battery", "slot_lease_s",
 )
 
 _SERVER_FLAGS = tuple(sorted(SERVER_KEYS - {"insecure"}))  # --insecure goes with the TLS flags
 """Server-wide flags: they also apply with --config, overriding the file."""
 
-_FLAG_NAMES = {"job_id": "--job", "forming_timeout_s": "--forming-timeout", "phase_timeout_s": "--phase-timeout", "upload_timeout_s": "--upload-timeout"}
+_FLAG_NAMES = {"job_id": "--job", "forming_timeout_s": "--forming-timeout", "phase_timeout_s": "--phase-timeout", "upload_timeout_s": "--upload-timeout", "slot_lease_s": "--slot-lease"}
 
 
 def _flag(option: str) -> str:
