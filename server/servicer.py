@@ -224,9 +224,8 @@ class TributaryServicer(pb_grpc.TributaryServicer):
         with _status_on_error(context):
             self._authorize(context, request.job_id)
             job = self._core.job(request.job_id)
-            if request.limit > MAX_HISTORY:
-                raise InvalidUpdate(f"limit must be at most {MAX_HISTORY} versions, got {request.limit}")
-            history = job.version_history(request.limit or DEFAULT_HISTORY)
+            # a page size above the maximum is coerced to it (as AIP-158 has it), not refused
+            history = job.version_history(min(request.limit or DEFAULT_HISTORY, MAX_HISTORY))
             return pb.VersionHistory(
                 versions=[
                     pb.VersionRecord(version=version, published_unix_ms=round(published * 1000), energy_joules=energy)
