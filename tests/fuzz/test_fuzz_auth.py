@@ -625,10 +625,15 @@ def fuzz_client_messages(world: AuthWorld) -> None:
                 pb.PullRequest(job_id=job_id),
                 pb.JoinCohortRequest(job_id=job_id, client_id=client_id),
                 pb.HeartbeatRequest(job_id=job_id, client_id=client_id, state=pb.CLIENT_STATE_IDLE),
+                pb.TrainingSlotRequest(job_id=job_id, client_id=client_id, device=pb.DeviceState(charging=True)),
+                pb.VersionHistoryRequest(job_id=job_id),
             ):
                 rpc = TRIBUTARY_RPCS[
-                    {pb.GetJobRequest: "GetJob", pb.PullRequest: "Pull", pb.HeartbeatRequest: "Heartbeat"}.get(type(request), "JoinCohort")
-                ]
+                    {
+                        pb.GetJobRequest: "GetJob", pb.PullRequest: "Pull", pb.HeartbeatRequest: "Heartbeat",
+                        pb.TrainingSlotRequest: "AcquireTrainingSlot", pb.VersionHistoryRequest: "GetVersionHistory",
+                    }.get(type(request), "JoinCohort")
+                ]  # fmt: skip
                 as_client(world, PlannedCall(rpc, [request], client_allowed(world, rpc, [request], client_id), "in every job"), client_id)
 
     @settings(FUZZ, max_examples=EXAMPLES_CLIENT_PLANNED)

@@ -363,3 +363,44 @@ def test_fit_stops_after_max_wait_s_on_a_device_that_never_qualifies(serve: Call
         )  # fmt: skip
     assert summary.updates_pushed == 0 and summary.stop_reason == "waited max_wait_s"
     assert running.core.job("default").stats.updates_accepted == 0
+
+
+# -- secure aggregation -------------------------------------------------------------------
+
+
+def test_cohort_members_join_holding_slots_and_their_energy_is_summed(tmp_path: Path) -> None:
+    from client_sdk._secure import SecureRound
+    from server.config import SecAggConfig
+
+    secagg = SecAggConfig(cohort_size=3, forming_timeout_s=30.0, phase_timeout_s=10.0, upload_timeout_s=10.0, clip_bound=64.0)
+    job = JobConfig(strategy=StrategyConfig(name="fedbuff"), secure_aggregation=secagg, max_concurrent_trainers=3)
+    config = ServerConfig(address="127.0.0.1:0", jobs=(job,), state_dir=tmp_path, insecure=True)
+    with running_server(config, {"default": small_model()}, grace_s=0.5) as running:
+        with grpc.insecure_channel(running.address) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.TributaryStub(channel).JoinCohort(pb.JoinCohortRequest(job_id="default", client_id="x", wait_timeout_ms=10), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "holds no training slot" in caught.value.details()
+        errors: list[BaseException] = []
+
+        def member(index: int) -> None:
+            try:
+                with Client(running.address, client_id=f"m{index}", insecure=True) as client:
+                    assert client.acquire_training_slot(CHARGING).granted
+                    cohort = SecureRound(client)
+                    cohort.start()
+                    flat = np.concatenate([a.reshape(-1) for a in delta(0.001 * index).values()])
+                    cohort.submit(0, flat, 1, energy_joules=float(index))
+            except BaseException as error:  # reported below, on the test's thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=member, args=(i,)) for i in (1, 2, 3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors, errors
+        job_state = running.core.job("default")
+        assert job_state.snapshot().version == 1 and job_state.energy_joules_total == pytest.approx(6.0)
+        assert job_state.slots is not None and job_state.slots.active == 0  # each upload released its member's slot
+    with running_server(config, {"default": small_model()}, grace_s=0.5) as running:
+        assert running.core.job("default").version_history(5)[0][2] == pytest.approx(6.0)  # the logged cohort's energy
