@@ -65,3 +65,18 @@ def test_energy_is_power_times_time_plus_the_radio() -> None:
 def test_bad_energy_inputs_are_refused(watts: float, seconds: float) -> None:
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         estimate_update_energy(watts, seconds)
+
+
+def test_the_host_state_matches_what_psutil_sees() -> None:
+    psutil = pytest.importorskip("psutil")
+    from edge.device_state import read_host_state
+
+    state = read_host_state(unmetered=False, sample_s=0.01)
+    battery = psutil.sensors_battery()
+    if battery is None:
+        assert state.battery_level is None and state.charging  # mains powered
+    else:
+        assert state.battery_level == pytest.approx(battery.percent / 100, abs=0.05)
+    assert not state.unmetered and state.profile == "host"
+    with pytest.raises(ValueError, match="idle_cpu_percent"):
+        read_host_state(idle_cpu_percent=0)

@@ -137,3 +137,48 @@ def test_a_battery_level_outside_0_1_is_refused(level: float) -> None:
 def test_a_long_profile_is_refused() -> None:
     with pytest.raises(InvalidUpdate, match="profile"):
         DeviceReport(None, False, True, True, profile="x" * 129)
+
+
+# -- the job: energy per version, slots in admission -----------------------------------------
+
+
+def _update(client_id: str, key: str, energy: float, base: int = 0) -> object:
+    import numpy as np
+
+    from proto.tensors import specs_of
+    from server.core import Update, UpdateHeader
+    from tests.conftest import small_model
+
+    tensors = {name: np.full(t.shape, 0.01, t.dtype) for name, t in small_model().items()}
+    return Update(UpdateHeader("default", client_id, key, base, 1, tuple(specs_of(tensors)), energy_joules=energy), tensors)
+
+
+def test_a_round_records_the_energy_of_every_update_in_it() -> None:
+    from server.config import JobConfig, StrategyConfig
+    from server.core import Job
+    from tests.conftest import small_model
+
+    job = Job(JobConfig(strategy=StrategyConfig(name="fedavg", clients_per_round=2)), small_model())
+    job.submit(_update("a", "k1", 1.0))  # type: ignore[arg-type]
+    assert job.energy_joules_total == 1.0 and job.version_history(5)[0][2] == 0.0  # pending, not in a version yet
+    job.submit(_update("b", "k2", 2.0))  # type: ignore[arg-type]
+    assert [(v, e) for v, _, e in job.version_history(5)] == [(1, 3.0), (0, 0.0)]
+    with pytest.raises(InvalidUpdate, match="energy_joules"):
+        job.admit(_update("c", "k3", -1.0, base=1).header)  # type: ignore[attr-defined]
+    assert job.energy_joules_total == 3.0
+
+
+def test_a_job_with_slots_admits_only_holders_and_a_retry_without_one() -> None:
+    from server.config import JobConfig, StrategyConfig
+    from server.core import Job
+    from tests.conftest import small_model
+
+    job = Job(JobConfig(strategy=StrategyConfig(name="fedasync"), max_concurrent_trainers=1), small_model())
+    update = _update("a", "k1", 0.5)
+    with pytest.raises(PreconditionFailed, match="holds no training slot"):
+        job.admit(update.header)  # type: ignore[attr-defined]
+    assert job.acquire_slot("a", ON_BATTERY).granted
+    assert job.admit(update.header) is None  # type: ignore[attr-defined]
+    job.submit(update)  # type: ignore[arg-type]
+    assert job.slots is not None and job.slots.active == 0  # released by the accepted push
+    assert job.admit(update.header).duplicate  # type: ignore[attr-defined,union-attr]  # a retry: its first ack, no slot needed
