@@ -12,6 +12,7 @@ Low level (numpy or torch tensors, for apps with their own loop)::
 
     model = client.pull()                       # PulledModel(version, tensors)
     client.push(model.version, delta, num_samples=n)
+    client.push(model.version, delta, num_samples=n, compression=Compression(quantize_bits=8))
     client.heartbeat("training")                # presence; fit() sends these itself
 
 Operators administer a server run with --auth through `AdminClient`
@@ -21,6 +22,7 @@ Everything not listed in `__all__` is private and may change.
 """
 
 from client_sdk._admin import AdminClient, EnrolledClient, Enrolment, JobStatus
+from client_sdk._compression import Compression
 from client_sdk._client import Client, ClientState, HeartbeatReply, JobDescription, PulledModel, PushResult, RetryPolicy
 from client_sdk._errors import (
     CohortAborted,
@@ -45,6 +47,7 @@ __all__ = [
     "ClientState",
     "ClientTLS",
     "CohortAborted",
+    "Compression",
     "EnrolledClient",
     "Enrolment",
     "FitSummary",

@@ -40,6 +40,7 @@ from typing import Protocol
 
 import numpy as np
 
+from proto.compression import RAW, Encoding, encoded_size
 from proto.tensors import CHUNK_BYTES, TensorSpec, iter_chunks, specs_of
 from server import faults
 from server.config import JobConfig, ServerConfig
@@ -109,10 +110,13 @@ class UpdateHeader:
     base_version: int
     num_samples: int
     specs: tuple[TensorSpec, ...]
+    encoding: Encoding = RAW
+    """How the payload travels; `specs` describe the decoded delta."""
 
     @property
     def payload_bytes(self) -> int:
-        return sum(s.nbytes for s in self.specs)
+        """The bytes on the wire (encoded size when compressed)."""
+        return encoded_size(self.specs, self.encoding)
 
 
 @dataclass(frozen=True)
@@ -322,12 +326,18 @@ class Job:
         """Refuse a bad header before its payload is read. Returns the stored
         ack when the idempotency key was seen before (the update is not read
         again); None when the payload should be received."""
+        if self.config.secure_aggregation is not None and header.encoding.sparse:
+            raise InvalidUpdate(
+                f"job {self.job_id!r} runs secure aggregation, which top-k sparsification cannot join: masks make every "
+                "coordinate non-zero and members keep different coordinates; quantization is what composes"
+            )
         if self.config.secure_aggregation is not None:
             raise PreconditionFailed(
                 f"job {self.job_id!r} runs secure aggregation: updates go through cohorts "
                 "(JoinCohort), never as plain pushes"
             )
         self._check_header_fields(header)
+        self._check_encoding(header.encoding)
         if header.payload_bytes > self.config.max_update_bytes:
             raise LimitExceeded(
                 f"update of {header.payload_bytes} bytes exceeds this job's max_update_bytes="
@@ -438,6 +448,16 @@ class Job:
             raise InvalidUpdate(
                 f"num_samples must be between 1 and {MAX_NUM_SAMPLES} (the number of examples the update "
                 f"was trained on), got {header.num_samples}"
+            )
+
+    def _check_encoding(self, encoding: Encoding) -> None:
+        accepted = self.config.compression
+        asked = [kind for kind, used in (("quantize", encoding.quantize_bits > 0), ("top_k", encoding.sparse)) if used]
+        refused = [kind for kind in asked if kind not in accepted]
+        if refused:
+            raise InvalidUpdate(
+                f"job {self.job_id!r} does not take {' or '.join(refused)} compressed updates "
+                f"(it takes: {', '.join(sorted(accepted)) or 'uncompressed only'}); send it uncompressed"
             )
 
     def _check_layout(self, specs: Sequence[TensorSpec]) -> None:

@@ -24,6 +24,7 @@ from proto import tributary_pb2_grpc as pb_grpc
 from proto.metadata import RETRY_PUSHBACK_MS
 import numpy as np
 
+from proto.compression import RAW, Encoding, decode_payload, encoded_size
 from proto.tensors import MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
 from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader
 from server.roster import ClientState
@@ -115,6 +116,11 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 updates_accepted=job.stats.updates_accepted,
                 max_update_bytes=job.config.max_update_bytes,
                 secure_aggregation=job.config.secure_aggregation is not None,
+                compression=pb.CompressionSupport(
+                    quantize="quantize" in job.config.compression,
+                    top_k="top_k" in job.config.compression,
+                    secure_quantize_bits=(job.config.secure_aggregation.quantize_bits or 0) if job.config.secure_aggregation else 0,
+                ),
             )
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
@@ -145,7 +151,8 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             _check_id("client_id", message.client_id)
             self._admit_client(message.client_id)
             _check_id("idempotency_key", message.idempotency_key)
-            specs = specs_from_pb(message.header)
+            encoding = Encoding.from_pb(message.encoding) if message.HasField("encoding") else RAW
+            specs = specs_from_pb(message.header, payload_size=lambda specs: encoded_size(specs, encoding))
             header = UpdateHeader(
                 job_id=message.job_id,
                 client_id=message.client_id,
@@ -153,17 +160,21 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 base_version=message.base_version,
                 num_samples=message.num_samples,
                 specs=tuple(specs),
+                encoding=encoding,
             )
             stored = job.admit(header)
             if stored is not None:
                 return _ack(job.job_id, stored)
-            assembler = PayloadAssembler(specs)
+            wire_specs = specs if encoding.is_raw else [TensorSpec("encoded", np.dtype("|u1"), (header.payload_bytes,))]
+            assembler = PayloadAssembler(wire_specs)
             for request in request_iterator:
                 if request.WhichOneof("kind") != "chunk":
                     raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
                 assembler.add(request.chunk.data)
                 faults.point("push.receiving")
-            outcome = job.submit(Update(header, assembler.finish()))
+            received = assembler.finish()
+            delta = received if encoding.is_raw else decode_payload(specs, encoding, received["encoded"])
+            outcome = job.submit(Update(header, delta))
             faults.point("push.acking")
             return _ack(job.job_id, outcome)
         raise AssertionError("unreachable: _status_on_error aborts")  # pragma: no cover
@@ -214,6 +225,9 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 scale=plan.scale,
                 bound=plan.bound,
                 vector_length=plan.vector_length,
+                weight_scale=plan.weight_scale,
+                weight_bound=plan.weight_bound,
+                quantize_bits=(manager.config.quantize_bits or 0),
                 staleness=pb.StalenessRule(
                     kind=rule.staleness.kind, a=rule.staleness.a, b=rule.staleness.b, max_staleness=rule.max_staleness or 0
                 ),
@@ -258,7 +272,8 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             self._authorize(context, ref.job_id)
             manager = self._manager(ref.job_id)
             length = manager.job.vector_length + 1
-            assembler = PayloadAssembler([TensorSpec("masked", np.dtype("<u4"), (length,))])
+            word = manager.masked_dtype(ref.cohort_id)  # the cohort's ring width: uint8/16/32
+            assembler = PayloadAssembler([TensorSpec("masked", word, (length,))])
             try:
                 # each chunk is checked as it comes: a stream longer than the
                 # vector is refused at the first byte too many
@@ -266,9 +281,11 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                     if request.WhichOneof("kind") != "chunk":
                         raise InvalidUpdate("a masked upload carries one `header`, then only `chunk` messages")
                     assembler.add(request.chunk.data)
-                vector = assembler.finish()["masked"]
+                vector = assembler.finish()["masked"].astype(np.uint32)
             except MalformedPayload as error:
-                raise InvalidUpdate(f"masked input must be {length} uint32 values ({4 * length} bytes): {error}") from error
+                raise InvalidUpdate(
+                    f"masked input must be {length} {word.name} values ({word.itemsize * length} bytes): {error}"
+                ) from error
             unmask = manager.upload(ref.cohort_id, ref.member, ref.token, vector)
             return pb.UnmaskRequestMessage(survivors=sorted(unmask.survivors), dropped=sorted(unmask.dropped))
         raise AssertionError("unreachable")  # pragma: no cover
