@@ -243,8 +243,9 @@ def _decode_tensor(spec: TensorSpec, encoding: Encoding, data: np.ndarray) -> np
     if encoding.sparse:
         indices = data[: 4 * k].view("<u4").astype(np.int64)
         position = 4 * k
-        if int(indices[-1]) >= n:
-            raise MalformedPayload(f"tensor {spec.name!r}: top-k index {int(indices[-1])} is out of range for {n} elements")
+        largest = int(indices.max())
+        if largest >= n:
+            raise MalformedPayload(f"tensor {spec.name!r}: top-k index {largest} is out of range for {n} elements")
         if k > 1 and not bool((np.diff(indices) > 0).all()):
             raise MalformedPayload(f"tensor {spec.name!r}: top-k indices must be strictly increasing (sorted, no duplicates)")
     rest = data[position:]

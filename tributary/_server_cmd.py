@@ -19,7 +19,7 @@ _JOB_FLAGS = (
     "job_id", "initial_model", "task", "strategy", "alpha", "buffer_size", "server_lr", "weight_by_samples",
     "normalizer", "clients_per_round", "staleness", "staleness_a", "staleness_b", "max_staleness", "max_update_bytes",
     "secure_aggregation", "cohort_size", "min_survivors", "neighbours", "ring_bits", "clip_bound",
-    "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
+    "forming_timeout_s", "phase_timeout_s", "upload_timeout_s", "quantize_bits", "value_bound", "accept_compression",
 )
 
 _SERVER_FLAGS = tuple(sorted(SERVER_KEYS - {"insecure"}))  # --insecure goes with the TLS flags
@@ -89,6 +89,7 @@ def run_server(options: dict[str, Any]) -> None:
                     f"job {job.job_id!r}: {strategy.name}, staleness {job.staleness.describe()}, "
                     f"max_staleness {job.max_staleness if job.max_staleness is not None else 'none'}"
                     + (f", secure aggregation in cohorts of {secure.cohort_size}" if secure else "")
+                    + (f" quantized to {secure.quantize_bits} bits" if secure and secure.quantize_bits else "")
                 )
             for job_id in running.recovered:
                 resumed = running.core.job(job_id)
