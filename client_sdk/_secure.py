@@ -97,7 +97,7 @@ class SecureRound:
         def requests() -> Iterator[pb.MaskedInputRequest]:
             yield pb.MaskedInputRequest(header=ref)
             # at the ring's width: a quantized cohort's 11-bit ring travels as uint16, half of uint32
-            for data in iter_chunks([masked.vector.astype(masked_dtype(member.plan.bits))]):
+            for data in iter_chunks([masked.vector.astype(masked_dtype(member.plan.bits)).view(np.uint8)]):
                 request = pb.MaskedInputRequest()
                 request.chunk.data = data
                 yield request

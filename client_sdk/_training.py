@@ -136,11 +136,11 @@ def _fit(
 ) -> FitSummary:
     start = time.monotonic()
     summary = FitSummary()
-    torch_device = pick_device(device)
-    model.to(torch_device)
     job = client.job_info()
     if compression is not None:
-        _check_compression(compression, job)
+        _check_compression(compression, job)  # before anything is trained
+    torch_device = pick_device(device)
+    model.to(torch_device)
     plain_compression = None if job.secure_aggregation else compression
     names = [spec.name for spec in job.specs]
     pulled: PulledModel = client.pull()
