@@ -199,7 +199,7 @@ def main() -> None:
     data = load_digits_split(args.seed)
     shards = dirichlet_shards(data.y_train, args.clients, args.alpha, args.seed)
     chosen = [s for s in SETTINGS if args.only is None or s.name == "float32" or s.name in args.only.split(",")]
-    console = Console()
+    console = Console(width=120)
     results: list[Result] = []
     for setting in chosen:
         result = run_setting(setting, args, data, shards)
