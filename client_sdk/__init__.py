@@ -12,6 +12,7 @@ Low level (numpy or torch tensors, for apps with their own loop)::
 
     model = client.pull()                       # PulledModel(version, tensors)
     client.push(model.version, delta, num_samples=n)
+    client.push(model.version, delta, num_samples=n, compression=Compression(quantize_bits=8))
     client.heartbeat("training")                # presence; fit() sends these itself
     client.acquire_training_slot(DeviceState(...))  # jobs with training slots
 
@@ -26,6 +27,7 @@ Everything not listed in `__all__` is private and may change.
 """
 
 from client_sdk._admin import AdminClient, EnrolledClient, Enrolment, JobStatus
+from client_sdk._compression import Compression
 from client_sdk._client import Client, ClientState, HeartbeatReply, JobDescription, PulledModel, PushResult, RetryPolicy, VersionRecord
 from client_sdk._device import DeviceState, Eligibility, EligibilityPolicy, Eligible, Ineligible, SlotGrant
 from client_sdk._errors import (
@@ -51,6 +53,7 @@ __all__ = [
     "ClientState",
     "ClientTLS",
     "CohortAborted",
+    "Compression",
     "DeviceState",
     "Eligibility",
     "EligibilityPolicy",

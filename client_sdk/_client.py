@@ -45,6 +45,7 @@ from client_sdk._errors import (
 from client_sdk._tls import ClientTLS, channel_for
 from client_sdk._auth import BearerToken
 from client_sdk._device import DeviceState, SlotGrant
+from client_sdk._compression import Compression, Compressor
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import (
@@ -130,6 +131,12 @@ class JobDescription:
     max_concurrent_trainers: int | None = None
     """Training slots: None when the job has none (train and push at will)."""
     active_trainers: int = 0
+    accepts_quantized: bool = False
+    """Plain pushes may be quantized (Compression(quantize_bits=...))."""
+    accepts_top_k: bool = False
+    """Plain pushes may be top-k sparsified (Compression(top_k=...))."""
+    secure_quantize_bits: int | None = None
+    """Secure aggregation: bits the job's cohorts quantize each value to (None: full ring precision)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,8 @@ class PushResult:
     version_after: int
     duplicate: bool
     idempotency_key: str
+    payload_bytes: int = 0
+    """Bytes of the update's payload as sent (encoded size when compressed)."""
 
 
 class Client:
@@ -204,6 +213,7 @@ class Client:
         self._stub = pb_grpc.TributaryStub(self._channel)
         self.last_pulled_version = 0
         """Version of the latest model this client pulled (0 before the first pull)."""
+        self._compressors: dict[Compression, Compressor] = {}
 
     def __enter__(self) -> Client:
         return self
@@ -235,6 +245,9 @@ class Client:
             energy_joules_total=info.energy_joules_total,
             max_concurrent_trainers=info.max_concurrent_trainers or None,
             active_trainers=info.active_trainers,
+            accepts_quantized=info.compression.quantize,
+            accepts_top_k=info.compression.top_k,
+            secure_quantize_bits=info.compression.secure_quantize_bits or None,
         )
 
     def version_history(self, limit: int = 100) -> list[VersionRecord]:
@@ -315,11 +328,15 @@ class Client:
         num_samples: int = 1,
         idempotency_key: str | None = None,
         energy_joules: float = 0.0,
+        compression: Compression | None = None,
     ) -> PushResult:
         """Send `delta` (trained minus pulled, for every tensor of the model, in
         the model's order), computed against `base_version`. Values may be numpy
         arrays or torch tensors. `energy_joules`: what the update cost the
-        device (e.g. `edge.energy.EnergyModel`); the server sums it per version."""
+        device (e.g. `edge.energy.EnergyModel`); the server sums it per version.
+        `compression`: quantize and/or sparsify it (see `Compression`); the
+        top-k error-feedback residual is kept in this client per `Compression`
+        value and added to the next push made with it."""
         if base_version < 0:
             raise ValueError(f"base_version must be >= 0 (a version pulled from the server), got {base_version}")
         if num_samples < 1:
@@ -328,27 +345,39 @@ class Client:
             raise ValueError(f"energy_joules must be a finite number >= 0, got {energy_joules!r}")
         arrays = {name: _to_numpy(value) for name, value in delta.items()}
         key = idempotency_key or uuid.uuid4().hex
+        compressor = self._compressor(compression) if compression is not None else None
+        residual: dict[str, np.ndarray] = {}
         try:
+            tensor_header = header_to_pb(specs_of(arrays))
+            payload: list[np.ndarray] = list(arrays.values())
+            if compressor is not None:
+                encoded, residual = compressor.encode(arrays)
+                payload = [np.frombuffer(tensor.data, dtype=np.uint8) for tensor in encoded.values()]
+                tensor_header.payload_bytes = sum(part.size for part in payload)
             header = pb.UpdateHeader(
                 job_id=self.job,
                 client_id=self.client_id,
                 idempotency_key=key,
                 base_version=base_version,
                 num_samples=num_samples,
-                header=header_to_pb(specs_of(arrays)),
                 energy_joules=float(energy_joules),
+                header=tensor_header,
             )
+            if compressor is not None:
+                header.encoding.CopyFrom(compressor.encoding.to_pb())
         except MalformedPayload as error:
             raise TributaryError(f"cannot send this update: {error}") from error
 
         def requests() -> Iterator[pb.PushRequest]:
             yield pb.PushRequest(update=header)
-            for data in iter_chunks(arrays.values()):
+            for data in iter_chunks(payload):
                 request = pb.PushRequest()
                 request.chunk.data = data  # one copy; PushRequest(chunk=Chunk(data=...)) makes two
                 yield request
 
         ack: pb.PushAck = self._with_retries("push", lambda: self._stub.Push(requests(), timeout=self.timeout_s))
+        if compressor is not None:
+            compressor.commit(residual)  # only now: a refused update leaves the residual as it was
         return PushResult(
             version_at_arrival=ack.version_at_arrival,
             staleness=ack.staleness,
@@ -356,6 +385,7 @@ class Client:
             version_after=ack.version_after,
             duplicate=ack.duplicate,
             idempotency_key=key,
+            payload_bytes=int(header.header.payload_bytes),
         )
 
     def fit(self, model: Any, train_fn: Any, **options: Any) -> Any:
@@ -364,7 +394,20 @@ class Client:
 
         return fit(self, model, train_fn, **options)
 
+    def compression_residual(self, compression: Compression) -> dict[str, np.ndarray]:
+        """The error-feedback residual kept for pushes with `compression`
+        (empty before the first, or without top-k error feedback)."""
+        compressor = self._compressors.get(compression)
+        return dict(compressor.residual) if compressor is not None else {}
+
     # -- internals -------------------------------------------------------------
+
+    def _compressor(self, compression: Compression) -> Compressor:
+        if not isinstance(compression, Compression):
+            raise TypeError(f"compression must be a client_sdk.Compression, got {type(compression).__name__}")
+        if compression not in self._compressors:
+            self._compressors[compression] = Compressor(compression)
+        return self._compressors[compression]
 
     def _pull_once(self, request: pb.PullRequest, timeout: float) -> PulledModel:
         stream = self._stub.Pull(request, timeout=timeout)

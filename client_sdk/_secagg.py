@@ -82,6 +82,7 @@ class CohortMember:
         self._masking_neighbours: tuple[int, ...] = ()
         self._own: _HeldShares | None = None
         self._fixed_point = FixedPoint(bits=plan.bits, scale=plan.scale, bound=plan.bound, max_summands=len(plan.members))
+        self._weight_point = plan.weight_point(self._fixed_point)
 
     # -- steps -----------------------------------------------------------------
 
@@ -153,11 +154,17 @@ class CohortMember:
             raise ProtocolViolation(f"input has {flat.size} values; this cohort aggregates {self.plan.vector_length - 1}")
         # the weight is clipped like every value; cap it first, so w * delta is
         # scaled by the weight that is actually sent (no member counts for more than bound)
-        weight = min(float(weight), self.plan.bound)
+        weight = min(float(weight), self._weight_point.bound)
         weighted = np.empty(flat.size + 1, dtype=np.float64)
         np.multiply(flat, weight, out=weighted[:-1])
         weighted[-1] = weight
-        vector = self._fixed_point.encode(weighted, rng or np.random.default_rng())
+        rng = rng or np.random.default_rng()
+        if self._weight_point is self._fixed_point:
+            vector = self._fixed_point.encode(weighted, rng)
+        else:  # the weight on its own grid (quantized cohorts)
+            vector = np.empty(flat.size + 1, dtype=np.uint32)
+            vector[:-1] = self._fixed_point.encode(weighted[:-1], rng)
+            vector[-1:] = self._weight_point.encode(weighted[-1:], rng)
         bits = self.plan.bits
         scratch = MaskScratch()  # one keystream buffer for every mask: no new memory per neighbour
         apply_mask(vector, self._self_seed, bits=bits, purpose=SELF_MASK, scratch=scratch)

@@ -23,6 +23,7 @@ from client_sdk._errors import CohortAborted, NotAuthenticated, PermissionDenied
 from client_sdk._secagg import CohortMember
 from proto import staleness
 from proto import tributary_pb2 as pb
+from proto.secagg.quantize import masked_dtype
 from proto.secagg.protocol import CohortPlan, KeyAdvert, ProtocolViolation, UnmaskRequest
 from proto.secagg.sealing import VerificationFailed
 from proto.tensors import iter_chunks
@@ -100,7 +101,8 @@ class SecureRound:
 
         def requests() -> Iterator[pb.MaskedInputRequest]:
             yield pb.MaskedInputRequest(header=header)
-            for data in iter_chunks([masked.vector]):
+            # at the ring's width: a quantized cohort's 11-bit ring travels as uint16, half of uint32
+            for data in iter_chunks([masked.vector.astype(masked_dtype(member.plan.bits)).view(np.uint8)]):
                 request = pb.MaskedInputRequest()
                 request.chunk.data = data
                 yield request
@@ -191,6 +193,8 @@ def plan_of(message: pb.CohortPlanMessage) -> CohortPlan:
         scale=message.scale,
         bound=message.bound,
         vector_length=message.vector_length,
+        weight_scale=message.weight_scale,
+        weight_bound=message.weight_bound,
     )
 
 

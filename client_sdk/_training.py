@@ -17,6 +17,7 @@ import numpy as np
 
 from client_sdk._client import Client, ClientState, JobDescription, PulledModel, PushResult
 from client_sdk._device import DeviceState, EligibilityPolicy, Ineligible, SlotGrant
+from client_sdk._compression import Compression
 from client_sdk._errors import CohortAborted, ModelMismatch, NotAcceptedNow
 from client_sdk._presence import Presence
 
@@ -115,6 +116,7 @@ def fit(
     energy_estimate: EnergyEstimate | None = None,
     poll_s: float = 5.0,
     max_wait_s: float | None = None,
+    compression: Compression | None = None,
 ) -> FitSummary:
     """Loop pull -> `train_fn(model, device)` -> push delta until `updates`
     pushes were accepted or `duration_s` passed (at least one must be given).
@@ -137,6 +139,11 @@ def fit(
     While it runs, heartbeats tell the server what the client is doing
     (training, uploading, idle; see client_sdk/_presence.py). They are best
     effort: a failed heartbeat never stops or slows training.
+
+    `compression` (see `Compression`) compresses every push; its top-k
+    error-feedback residual is kept in `client` across updates. Under secure
+    aggregation only quantization composes, and the job's cohorts decide it
+    (a different `quantize_bits`, or any `top_k`, is a ValueError).
     """
     if updates is None and duration_s is None:
         raise ValueError("give `updates` or `duration_s`, or the loop would never end")
@@ -148,7 +155,7 @@ def fit(
         raise ValueError(f"max_wait_s must be >= 0 seconds, got {max_wait_s!r}")
     gate = _Gate(client, device_state, policy, poll_s, max_wait_s)
     with Presence(client) as presence:
-        return _fit(client, model, train_fn, presence, updates, duration_s, device, on_push, gate, energy_estimate)
+        return _fit(client, model, train_fn, presence, updates, duration_s, device, on_push, gate, energy_estimate, compression)
 
 
 def _fit(
@@ -162,12 +169,16 @@ def _fit(
     on_push: Callable[[PushResult], Any] | None,
     gate: _Gate,
     energy_estimate: EnergyEstimate | None,
+    compression: Compression | None,
 ) -> FitSummary:
     start = time.monotonic()
     summary = FitSummary()
+    job = client.job_info()
+    if compression is not None:
+        _check_compression(compression, job)  # before anything is trained
     torch_device = pick_device(device)
     model.to(torch_device)
-    job = client.job_info()
+    plain_compression = None if job.secure_aggregation else compression
     names = [spec.name for spec in job.specs]
     pulled: PulledModel = client.pull()
 
@@ -211,7 +222,7 @@ def _fit(
                 receipt = cohort.submit(pulled.version, flat, num_samples, energy)
                 summary.staleness.append(receipt.staleness)
             else:
-                result = client.push(pulled.version, delta, num_samples=num_samples, energy_joules=energy)
+                result = client.push(pulled.version, delta, num_samples=num_samples, energy_joules=energy, compression=plain_compression)
                 summary.staleness.append(result.staleness)
                 if on_push is not None:
                     on_push(result)
@@ -281,6 +292,15 @@ class _Gate:
             if self._max_wait_s is not None:
                 delay = min(delay, self._max_wait_s - waited)
             time.sleep(max(0.0, delay))
+def _check_compression(compression: Compression, job: JobDescription) -> None:
+    """Refuse before training what the job would refuse after it."""
+    if job.secure_aggregation:
+        compression.check_secure(job.job_id, job.secure_quantize_bits or 0)
+        return
+    if compression.quantize_bits is not None and not job.accepts_quantized:
+        raise ValueError(f"job {job.job_id!r} does not take quantized updates (its accept_compression setting); drop quantize_bits")
+    if compression.top_k is not None and not job.accepts_top_k:
+        raise ValueError(f"job {job.job_id!r} does not take top-k sparsified updates (its accept_compression setting); drop top_k")
 
 
 def _next_model(client: Client, version: int, synchronous: bool, done: Callable[[], bool]) -> PulledModel:

@@ -13,7 +13,7 @@ names what was wrong; callers turn it into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -82,8 +82,10 @@ def header_to_pb(specs: Sequence[TensorSpec]) -> pb.TensorHeader:
     )
 
 
-def specs_from_pb(header: pb.TensorHeader) -> list[TensorSpec]:
-    """Validate a received header on its own terms (not against any model)."""
+def specs_from_pb(header: pb.TensorHeader, *, payload_size: Callable[[Sequence[TensorSpec]], int] | None = None) -> list[TensorSpec]:
+    """Validate a received header on its own terms (not against any model).
+    `payload_size`: the bytes the specs take on the wire when not raw (a
+    compressed update, proto/compression.py); payload_bytes must equal it."""
     specs: list[TensorSpec] = []
     seen: set[str] = set()
     for index, spec in enumerate(header.tensors):
@@ -103,8 +105,11 @@ def specs_from_pb(header: pb.TensorHeader) -> list[TensorSpec]:
     actual = sum(s.nbytes for s in specs)
     if actual > MAX_PAYLOAD_BYTES:
         raise MalformedPayload(f"the header's tensors add up to {actual} bytes, above the {MAX_PAYLOAD_BYTES}-byte limit")
+    if payload_size is not None:
+        actual = payload_size(specs)
     if declared != actual:
-        raise MalformedPayload(f"header declares {declared} payload bytes but its tensors need {actual}")
+        encoded = " encoded" if payload_size is not None else ""
+        raise MalformedPayload(f"header declares {declared} payload bytes but its tensors need {actual}{encoded}")
     return specs
 
 

@@ -80,7 +80,7 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "strategy", "synchronous", "version", "model", "max_staleness", "updates_accepted", "max_update_bytes", "secure_aggregation", "energy_joules_total", "max_concurrent_trainers", "active_trainers")
+    __slots__ = ("job_id", "strategy", "synchronous", "version", "model", "max_staleness", "updates_accepted", "max_update_bytes", "secure_aggregation", "energy_joules_total", "max_concurrent_trainers", "active_trainers", "compression")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SYNCHRONOUS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class JobInfo(_message.Message):
     ENERGY_JOULES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_TRAINERS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_TRAINERS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     strategy: StrategyKind
     synchronous: bool
@@ -105,7 +106,18 @@ class JobInfo(_message.Message):
     energy_joules_total: float
     max_concurrent_trainers: int
     active_trainers: int
-    def __init__(self, job_id: _Optional[str] = ..., strategy: _Optional[_Union[StrategyKind, str]] = ..., synchronous: _Optional[bool] = ..., version: _Optional[int] = ..., model: _Optional[_Union[TensorHeader, _Mapping]] = ..., max_staleness: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., secure_aggregation: _Optional[bool] = ..., energy_joules_total: _Optional[float] = ..., max_concurrent_trainers: _Optional[int] = ..., active_trainers: _Optional[int] = ...) -> None: ...
+    compression: CompressionSupport
+    def __init__(self, job_id: _Optional[str] = ..., strategy: _Optional[_Union[StrategyKind, str]] = ..., synchronous: _Optional[bool] = ..., version: _Optional[int] = ..., model: _Optional[_Union[TensorHeader, _Mapping]] = ..., max_staleness: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., secure_aggregation: _Optional[bool] = ..., energy_joules_total: _Optional[float] = ..., max_concurrent_trainers: _Optional[int] = ..., active_trainers: _Optional[int] = ..., compression: _Optional[_Union[CompressionSupport, _Mapping]] = ...) -> None: ...
+
+class CompressionSupport(_message.Message):
+    __slots__ = ("quantize", "top_k", "secure_quantize_bits")
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SECURE_QUANTIZE_BITS_FIELD_NUMBER: _ClassVar[int]
+    quantize: bool
+    top_k: bool
+    secure_quantize_bits: int
+    def __init__(self, quantize: _Optional[bool] = ..., top_k: _Optional[bool] = ..., secure_quantize_bits: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("job_id", "min_version", "wait_timeout_ms")
@@ -144,7 +156,7 @@ class PushRequest(_message.Message):
     def __init__(self, update: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("job_id", "client_id", "idempotency_key", "base_version", "num_samples", "header", "energy_joules")
+    __slots__ = ("job_id", "client_id", "idempotency_key", "base_version", "num_samples", "header", "energy_joules", "encoding")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +164,7 @@ class UpdateHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     client_id: str
     idempotency_key: str
@@ -159,7 +172,16 @@ class UpdateHeader(_message.Message):
     num_samples: int
     header: TensorHeader
     energy_joules: float
-    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., energy_joules: _Optional[float] = ...) -> None: ...
+    encoding: UpdateEncoding
+    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., energy_joules: _Optional[float] = ..., encoding: _Optional[_Union[UpdateEncoding, _Mapping]] = ...) -> None: ...
+
+class UpdateEncoding(_message.Message):
+    __slots__ = ("quantize_bits", "top_k_fraction")
+    QUANTIZE_BITS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    quantize_bits: int
+    top_k_fraction: float
+    def __init__(self, quantize_bits: _Optional[int] = ..., top_k_fraction: _Optional[float] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("job_id", "version_at_arrival", "staleness", "staleness_weight", "version_after", "duplicate")
@@ -288,7 +310,7 @@ class StalenessRule(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., a: _Optional[float] = ..., b: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class CohortPlanMessage(_message.Message):
-    __slots__ = ("formed", "cohort_id", "member", "token", "members", "neighbours", "threshold", "min_survivors", "bits", "scale", "bound", "vector_length", "staleness")
+    __slots__ = ("formed", "cohort_id", "member", "token", "members", "neighbours", "threshold", "min_survivors", "bits", "scale", "bound", "vector_length", "staleness", "weight_scale", "weight_bound", "quantize_bits")
     FORMED_FIELD_NUMBER: _ClassVar[int]
     COHORT_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +324,9 @@ class CohortPlanMessage(_message.Message):
     BOUND_FIELD_NUMBER: _ClassVar[int]
     VECTOR_LENGTH_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BOUND_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_BITS_FIELD_NUMBER: _ClassVar[int]
     formed: bool
     cohort_id: str
     member: int
@@ -315,7 +340,10 @@ class CohortPlanMessage(_message.Message):
     bound: float
     vector_length: int
     staleness: StalenessRule
-    def __init__(self, formed: _Optional[bool] = ..., cohort_id: _Optional[str] = ..., member: _Optional[int] = ..., token: _Optional[bytes] = ..., members: _Optional[_Iterable[int]] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., min_survivors: _Optional[int] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., bound: _Optional[float] = ..., vector_length: _Optional[int] = ..., staleness: _Optional[_Union[StalenessRule, _Mapping]] = ...) -> None: ...
+    weight_scale: float
+    weight_bound: float
+    quantize_bits: int
+    def __init__(self, formed: _Optional[bool] = ..., cohort_id: _Optional[str] = ..., member: _Optional[int] = ..., token: _Optional[bytes] = ..., members: _Optional[_Iterable[int]] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., min_survivors: _Optional[int] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., bound: _Optional[float] = ..., vector_length: _Optional[int] = ..., staleness: _Optional[_Union[StalenessRule, _Mapping]] = ..., weight_scale: _Optional[float] = ..., weight_bound: _Optional[float] = ..., quantize_bits: _Optional[int] = ...) -> None: ...
 
 class MemberRef(_message.Message):
     __slots__ = ("job_id", "cohort_id", "member", "token", "energy_joules")

@@ -33,7 +33,7 @@ from proto.secagg.protocol import (
     UnmaskResponse,
     default_neighbour_count,
 )
-from proto.secagg.quantize import FixedPoint
+from proto.secagg.quantize import masked_dtype
 from server import faults
 from server.config import SecAggConfig
 from server.core import Job
@@ -170,12 +170,14 @@ class CohortManager:
         self._prune()
         cohort_id = f"{self.job.job_id}-{next(self._serial)}-{secrets.token_hex(4)}"
         members = list(range(1, len(chosen) + 1))
+        values_point, weight_point = self.config.fixed_points(len(members))
         coordinator = CohortCoordinator(
             cohort_id,
             members,
             neighbours=self.config.neighbours or default_neighbour_count(len(members)),
             min_survivors=self.config.survivors_needed_for(len(members)),
-            fixed_point=FixedPoint.for_cohort(bits=self.config.ring_bits, bound=self.config.clip_bound, max_summands=len(members)),
+            fixed_point=values_point,
+            weight_point=weight_point,
             vector_length=self.job.vector_length + 1,
             observe=self._observe,
         )
@@ -371,6 +373,13 @@ class CohortManager:
                     ended = True
                 if ended and cohort.deadline + grace < now:
                     del self._cohorts[cohort_id]
+
+    def masked_dtype(self, cohort_id: str) -> np.dtype:
+        """The word a cohort's masked inputs travel in (its ring's width); a
+        cohort that is not there gets uint32, and its upload is refused later."""
+        with self._lock:
+            cohort = self._cohorts.get(cohort_id)
+        return masked_dtype(cohort.coordinator.fixed_point.bits if cohort is not None else 32)
 
     def cohort_phases(self) -> dict[str, str]:
         with self._lock:

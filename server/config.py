@@ -47,6 +47,7 @@ from proto import staleness as staleness_functions
 from server.errors import ConfigError
 
 if TYPE_CHECKING:
+    from proto.secagg.quantize import FixedPoint
     from server.certs import ServerTLSMaterial
 
 STRATEGIES = ("fedasync", "fedbuff", "fedavg")
@@ -144,6 +145,9 @@ class StrategyConfig:
         return self.name == "fedavg"
 
 
+SECURE_QUANTIZE_BITS = (4, 8)
+
+
 @dataclass(frozen=True)
 class SecAggConfig:
     """Secure aggregation in SecAgg+ cohorts (see proto/secagg/protocol.py).
@@ -166,6 +170,13 @@ class SecAggConfig:
     phase_timeout_s: float = 30.0
     upload_timeout_s: float = 300.0
     """How long members may train before the cohort uploads without the late ones."""
+    quantize_bits: int | None = None
+    """Quantized cohorts (4 or 8): each member's w * delta values get 2^bits - 1
+    levels over +-value_bound, its weight as many over +-clip_bound; the ring is
+    then bits + ceil(log2 n) + 1 wide (ring_bits is not used) and masked inputs
+    travel as uint8 or uint16. None: full ring_bits precision."""
+    value_bound: float | None = None
+    """Quantized cohorts: clip each w * delta value to +-this (None: clip_bound)."""
 
     def __post_init__(self) -> None:
         from proto.secagg.quantize import FixedPoint
@@ -180,16 +191,40 @@ class SecAggConfig:
             raise ConfigError(f"neighbours must be an integer >= 2, got {self.neighbours!r}")
         for name in ("clip_bound", "forming_timeout_s", "phase_timeout_s", "upload_timeout_s"):
             _positive(name, getattr(self, name))
-        try:
-            FixedPoint.for_cohort(bits=self.ring_bits, bound=self.clip_bound, max_summands=self.cohort_size)
-        except ValueError as error:
-            raise ConfigError(f"ring_bits={self.ring_bits!r}, clip_bound={self.clip_bound!r}: {error}") from error
+        if self.quantize_bits is not None:
+            if isinstance(self.quantize_bits, bool) or self.quantize_bits not in SECURE_QUANTIZE_BITS:
+                raise ConfigError(f"quantize_bits must be one of {', '.join(map(str, SECURE_QUANTIZE_BITS))}, got {self.quantize_bits!r}")
+            if self.ring_bits != 32:
+                raise ConfigError(
+                    f"ring_bits={self.ring_bits!r} with quantize_bits={self.quantize_bits}: quantized cohorts size their "
+                    "ring from quantize_bits and the cohort size; drop ring_bits"
+                )
+            if self.value_bound is not None:
+                _positive("value_bound", self.value_bound)
+        elif self.value_bound is not None:
+            raise ConfigError(f"value_bound={self.value_bound!r} only applies with quantize_bits (quantized cohorts)")
+        else:
+            try:
+                FixedPoint.for_cohort(bits=self.ring_bits, bound=self.clip_bound, max_summands=self.cohort_size)
+            except ValueError as error:
+                raise ConfigError(f"ring_bits={self.ring_bits!r}, clip_bound={self.clip_bound!r}: {error}") from error
         majority = self.cohort_size // 2 + 1
         if self.min_survivors is not None and self.min_survivors < majority:
             raise ConfigError(
                 f"min_survivors={self.min_survivors} is below a majority of the cohort ({majority}); "
                 "fewer survivors than that would let the secrets of members be rebuilt by a minority"
             )
+
+    def fixed_points(self, members: int) -> tuple[FixedPoint, FixedPoint | None]:
+        """(values, weight) fixed points of a cohort of `members`; the weight's
+        is None when it shares the values' (unquantized cohorts)."""
+        from proto.secagg.quantize import FixedPoint
+
+        if self.quantize_bits is None:
+            return FixedPoint.for_cohort(bits=self.ring_bits, bound=self.clip_bound, max_summands=members), None
+        values = FixedPoint.for_values(value_bits=self.quantize_bits, bound=self.value_bound or self.clip_bound, max_summands=members)
+        weight = FixedPoint.for_values(value_bits=self.quantize_bits, bound=self.clip_bound, max_summands=members)
+        return values, weight
 
     @property
     def _neighbour_count(self) -> int:
@@ -214,6 +249,8 @@ class SecAggConfig:
 
 
 _SECAGG_KEYS = {f.name for f in fields(SecAggConfig)}
+COMPRESSION_KINDS = ("quantize", "top_k")
+"""Update encodings a plaintext job may take (accept_compression)."""
 SERVER_KEYS = frozenset(
     {
         "address", "max_workers", "insecure", "state_dir", "grace_period_s", "auth", "admin_token_file",
@@ -222,6 +259,16 @@ SERVER_KEYS = frozenset(
     }
 )  # fmt: skip
 """Server-level keys besides the [tls] table (TOML top level; CLI flags that also apply with --config)."""
+
+
+def _compression_list(value: object) -> tuple[str, ...]:
+    """A TOML list, or the CLI's comma-separated string ("none": nothing)."""
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",") if part.strip()]
+        return () if items == ["none"] else tuple(items)
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ConfigError(f"accept_compression must be a list of {', '.join(COMPRESSION_KINDS)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -252,6 +299,10 @@ class JobConfig:
     """With slots: turn away devices on battery below this charge (in [0, 1])."""
     slot_lease_s: float = 120.0
     """With slots: a slot lapses this long after it was granted or last renewed by a heartbeat."""
+    accept_compression: tuple[str, ...] | None = None
+    """Compressed pushes the job takes ("quantize", "top_k"); None: both in
+    plaintext jobs. Secure-aggregation jobs take no plain pushes: their cohorts
+    quantize with secure_aggregation.quantize_bits, and top-k never composes."""
 
     def __post_init__(self) -> None:
         if self.secure_aggregation is not None and self.strategy.name != "fedbuff":
@@ -259,6 +310,23 @@ class JobConfig:
                 f"secure aggregation runs with strategy 'fedbuff' (each cohort is one buffered aggregate); "
                 f"{self.strategy.name!r} would need the server to read individual updates"
             )
+        if self.accept_compression is not None:
+            unknown = [k for k in self.accept_compression if k not in COMPRESSION_KINDS]
+            if unknown or not isinstance(self.accept_compression, tuple):
+                raise ConfigError(
+                    f"accept_compression must list some of {', '.join(COMPRESSION_KINDS)} (or none), got {self.accept_compression!r}"
+                )
+            if self.secure_aggregation is not None and "top_k" in self.accept_compression:
+                raise ConfigError(
+                    "accept_compression='top_k' cannot work with secure aggregation: masking makes every coordinate "
+                    "non-zero and members' sparse supports differ, so nothing would be saved and the sum would break; "
+                    "use quantize_bits for quantized cohorts"
+                )
+            if self.secure_aggregation is not None and self.accept_compression:
+                raise ConfigError(
+                    "accept_compression applies to plain pushes, which a secure-aggregation job never takes; "
+                    "set quantize_bits for quantized cohorts instead"
+                )
         if not isinstance(self.job_id, str) or not _JOB_ID.match(self.job_id):
             raise ConfigError(
                 f"job id {self.job_id!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
@@ -308,6 +376,12 @@ class JobConfig:
                 f"max_concurrent_trainers={cap} is below cohort_size={self.secure_aggregation.cohort_size}: "
                 "cohort members join holding a slot, so no cohort could form; raise max_concurrent_trainers"
             )
+    @property
+    def compression(self) -> frozenset[str]:
+        """The encodings plain pushes to this job may use."""
+        if self.secure_aggregation is not None:
+            return frozenset()
+        return frozenset(COMPRESSION_KINDS if self.accept_compression is None else self.accept_compression)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> JobConfig:
@@ -341,6 +415,8 @@ class JobConfig:
                 job[key] = value
             elif key == "initial_model":
                 job[key] = Path(value)
+            elif key == "accept_compression":
+                job[key] = _compression_list(value)
             elif key in _SECAGG_KEYS:
                 secagg[key] = value
             else:

@@ -48,6 +48,7 @@ from typing import Protocol
 
 import numpy as np
 
+from proto.compression import RAW, Encoding, encoded_size
 from proto.tensors import CHUNK_BYTES, TensorSpec, iter_chunks, specs_of
 from server import faults
 from server.config import JobConfig, ServerConfig
@@ -131,10 +132,13 @@ class UpdateHeader:
     specs: tuple[TensorSpec, ...]
     energy_joules: float = 0.0
     """The client's estimate of what the update cost it (training and transfer)."""
+    encoding: Encoding = RAW
+    """How the payload travels; `specs` describe the decoded delta."""
 
     @property
     def payload_bytes(self) -> int:
-        return sum(s.nbytes for s in self.specs)
+        """The bytes on the wire (encoded size when compressed)."""
+        return encoded_size(self.specs, self.encoding)
 
 
 @dataclass(frozen=True)
@@ -417,12 +421,18 @@ class Job:
         """Refuse a bad header before its payload is read. Returns the stored
         ack when the idempotency key was seen before (the update is not read
         again); None when the payload should be received."""
+        if self.config.secure_aggregation is not None and header.encoding.sparse:
+            raise InvalidUpdate(
+                f"job {self.job_id!r} runs secure aggregation, which top-k sparsification cannot join: masks make every "
+                "coordinate non-zero and members keep different coordinates; quantization is what composes"
+            )
         if self.config.secure_aggregation is not None:
             raise PreconditionFailed(
                 f"job {self.job_id!r} runs secure aggregation: updates go through cohorts "
                 "(JoinCohort), never as plain pushes"
             )
         self._check_header_fields(header)
+        self._check_encoding(header.encoding)
         if header.payload_bytes > self.config.max_update_bytes:
             raise LimitExceeded(
                 f"update of {header.payload_bytes} bytes exceeds this job's max_update_bytes="
@@ -545,6 +555,16 @@ class Job:
                 f"was trained on), got {header.num_samples}"
             )
         check_energy(header.energy_joules)
+
+    def _check_encoding(self, encoding: Encoding) -> None:
+        accepted = self.config.compression
+        asked = [kind for kind, used in (("quantize", encoding.quantize_bits > 0), ("top_k", encoding.sparse)) if used]
+        refused = [kind for kind in asked if kind not in accepted]
+        if refused:
+            raise InvalidUpdate(
+                f"job {self.job_id!r} does not take {' or '.join(refused)} compressed updates "
+                f"(it takes: {', '.join(sorted(accepted)) or 'uncompressed only'}); send it uncompressed"
+            )
 
     def _check_layout(self, specs: Sequence[TensorSpec]) -> None:
         names = [s.name for s in specs]

@@ -67,6 +67,7 @@ class CohortCoordinator:
         min_survivors: int,
         fixed_point: FixedPoint,
         vector_length: int,
+        weight_point: FixedPoint | None = None,
         observe: Callable[[str, np.ndarray], None] | None = None,
     ) -> None:
         if len(set(members)) != len(members) or any(m < 1 for m in members):
@@ -81,6 +82,10 @@ class CohortCoordinator:
         self.threshold = share_threshold(degree + 1)
         self.min_survivors = min_survivors
         self.fixed_point = fixed_point
+        self.weight_point = weight_point
+        """The weight element's own fixed point (quantized cohorts); None: fixed_point's."""
+        if weight_point is not None and (weight_point.bits, weight_point.max_summands) != (fixed_point.bits, fixed_point.max_summands):
+            raise ValueError("the weight's fixed point must share the values' ring and summand count")
         self.vector_length = vector_length
         self.phase = Phase.CHECK_IN
         self.abort_reason: str | None = None
@@ -110,6 +115,8 @@ class CohortCoordinator:
                 scale=self.fixed_point.scale,
                 bound=self.fixed_point.bound,
                 vector_length=self.vector_length,
+                weight_scale=self.weight_point.scale if self.weight_point is not None else 0.0,
+                weight_bound=self.weight_point.bound if self.weight_point is not None else 0.0,
             )
             for member in self.members
         }
@@ -222,6 +229,8 @@ class CohortCoordinator:
                 apply_mask(total, seed, bits=bits, purpose=PAIR_MASK, subtract=survivor < dropped, scratch=scratch)
         self._observe("sum", total)
         decoded = self.fixed_point.decode(total)
+        if self.weight_point is not None:
+            decoded[-1:] = self.weight_point.decode(total[-1:])
         self._inputs.clear()  # the masked inputs are no longer needed; free them
         return CohortResult(decoded[:-1], float(decoded[-1]), self.uploaded)
 

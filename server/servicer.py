@@ -24,6 +24,7 @@ from proto import tributary_pb2_grpc as pb_grpc
 from proto.metadata import RETRY_PUSHBACK_MS
 import numpy as np
 
+from proto.compression import RAW, Encoding, decode_payload, encoded_size
 from proto.tensors import MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
 from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader, check_energy
 from server.roster import ClientState
@@ -123,6 +124,11 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 energy_joules_total=job.energy_joules_total,
                 max_concurrent_trainers=job.config.max_concurrent_trainers or 0,
                 active_trainers=job.slots.active if job.slots is not None else 0,
+                compression=pb.CompressionSupport(
+                    quantize="quantize" in job.config.compression,
+                    top_k="top_k" in job.config.compression,
+                    secure_quantize_bits=(job.config.secure_aggregation.quantize_bits or 0) if job.config.secure_aggregation else 0,
+                ),
             )
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
@@ -153,7 +159,8 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             _check_id("client_id", message.client_id)
             self._admit_client(message.client_id)
             _check_id("idempotency_key", message.idempotency_key)
-            specs = specs_from_pb(message.header)
+            encoding = Encoding.from_pb(message.encoding) if message.HasField("encoding") else RAW
+            specs = specs_from_pb(message.header, payload_size=lambda specs: encoded_size(specs, encoding))
             header = UpdateHeader(
                 job_id=message.job_id,
                 client_id=message.client_id,
@@ -162,18 +169,22 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 num_samples=message.num_samples,
                 specs=tuple(specs),
                 energy_joules=message.energy_joules,
+                encoding=encoding,
             )
             try:
                 stored = job.admit(header)
                 if stored is not None:
                     return _ack(job.job_id, stored)
-                assembler = PayloadAssembler(specs)
+                wire_specs = specs if encoding.is_raw else [TensorSpec("encoded", np.dtype("|u1"), (header.payload_bytes,))]
+                assembler = PayloadAssembler(wire_specs)
                 for request in request_iterator:
                     if request.WhichOneof("kind") != "chunk":
                         raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
                     assembler.add(request.chunk.data)
                     faults.point("push.receiving")
-                outcome = job.submit(Update(header, assembler.finish()))
+                received = assembler.finish()
+                delta = received if encoding.is_raw else decode_payload(specs, encoding, received["encoded"])
+                outcome = job.submit(Update(header, delta))
             except _REFUSALS as error:
                 if not isinstance(error, _RETRIED_REFUSALS):  # refused for good: the slot goes to another client
                     job.release_slot(header.client_id, pushed=False)
@@ -261,6 +272,9 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 scale=plan.scale,
                 bound=plan.bound,
                 vector_length=plan.vector_length,
+                weight_scale=plan.weight_scale,
+                weight_bound=plan.weight_bound,
+                quantize_bits=(manager.config.quantize_bits or 0),
                 staleness=pb.StalenessRule(
                     kind=rule.staleness.kind, a=rule.staleness.a, b=rule.staleness.b, max_staleness=rule.max_staleness or 0
                 ),
@@ -306,7 +320,8 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             manager = self._manager(ref.job_id)
             check_energy(ref.energy_joules)
             length = manager.job.vector_length + 1
-            assembler = PayloadAssembler([TensorSpec("masked", np.dtype("<u4"), (length,))])
+            word = manager.masked_dtype(ref.cohort_id)  # the cohort's ring width: uint8/16/32
+            assembler = PayloadAssembler([TensorSpec("masked", word, (length,))])
             try:
                 # each chunk is checked as it comes: a stream longer than the
                 # vector is refused at the first byte too many
@@ -314,9 +329,11 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                     if request.WhichOneof("kind") != "chunk":
                         raise InvalidUpdate("a masked upload carries one `header`, then only `chunk` messages")
                     assembler.add(request.chunk.data)
-                vector = assembler.finish()["masked"]
+                vector = assembler.finish()["masked"].astype(np.uint32)
             except MalformedPayload as error:
-                raise InvalidUpdate(f"masked input must be {length} uint32 values ({4 * length} bytes): {error}") from error
+                raise InvalidUpdate(
+                    f"masked input must be {length} {word.name} values ({word.itemsize * length} bytes): {error}"
+                ) from error
             unmask = manager.upload(ref.cohort_id, ref.member, ref.token, vector, ref.energy_joules)
             return pb.UnmaskRequestMessage(survivors=sorted(unmask.survivors), dropped=sorted(unmask.dropped))
         raise AssertionError("unreachable")  # pragma: no cover

@@ -31,6 +31,10 @@ def run_client(options: dict[str, Any]) -> None:
         raise click.UsageError(f"--insecure talks plaintext; drop it to use {', '.join(tls_flags)}, or drop {', '.join(tls_flags)}")
     if (options["cert_file"] is None) != (options["key_file"] is None):
         raise click.UsageError("a client certificate needs both --cert FILE and --key FILE")
+    if options["quantize_bits"] is not None and options["quantize_bits"] not in (4, 8):
+        raise click.BadParameter(f"must be 8 or 4, got {options['quantize_bits']}", param_hint="--quantize-bits")
+    if options["top_k"] is not None and not 0 < options["top_k"] <= 1:
+        raise click.BadParameter(f"must be a fraction in (0, 1], got {options['top_k']}", param_hint="--top-k")
     token = None
     if options["token_file"] is not None:
         if options["client_id"] is None:
@@ -42,7 +46,7 @@ def run_client(options: dict[str, Any]) -> None:
 
     import torch
 
-    from client_sdk import Client, ClientTLS, TributaryError, pick_device
+    from client_sdk import Client, ClientTLS, Compression, TributaryError, pick_device
     from edge.tasks import build_model, dirichlet_shards, load_digits_split, make_train_fn
 
     try:
@@ -72,13 +76,20 @@ def run_client(options: dict[str, Any]) -> None:
         client = Client(options["address"], job=options["job"], client_id=options["client_id"], tls=tls, insecure=options["insecure"], token=token)
     except ValueError as error:  # a TLS file or a token that cannot work, named
         raise click.ClickException(str(error)) from error
+    compression = None
+    if options["quantize_bits"] is not None or options["top_k"] is not None:
+        compression = Compression(quantize_bits=options["quantize_bits"], top_k=options["top_k"], seed=options["seed"] * 1000 + options["shard"])
     try:
         with client:
-            summary = client.fit(model, train, updates=options["updates"], duration_s=options["duration"], device=str(device))
+            summary = client.fit(
+                model, train, updates=options["updates"], duration_s=options["duration"], device=str(device), compression=compression
+            )
     except KeyboardInterrupt:
         return
     except TributaryError as error:
         raise click.ClickException(str(error)) from error
+    except ValueError as error:  # compression the job cannot take (e.g. top-k under secure aggregation)
+        raise click.UsageError(str(error)) from error
     click.echo(
         f"client {client.client_id}: {summary.updates_pushed} updates accepted, {summary.updates_refused} refused, "
         f"last version {summary.last_version}, {summary.seconds:.1f}s"

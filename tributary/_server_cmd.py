@@ -21,6 +21,7 @@ _JOB_FLAGS = (
     "secure_aggregation", "cohort_size", "min_survivors", "neighbours", "ring_bits", "clip_bound",
     "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
     "max_concurrent_trainers", "prefer_charging", "min_battery", "slot_lease_s",
+    "forming_timeout_s", "phase_timeout_s", "upload_timeout_s", "quantize_bits", "value_bound", "accept_compression",
 )
 
 _SERVER_FLAGS = tuple(sorted(SERVER_KEYS - {"insecure"}))  # --insecure goes with the TLS flags
@@ -90,6 +91,7 @@ def run_server(options: dict[str, Any]) -> None:
                     f"job {job.job_id!r}: {strategy.name}, staleness {job.staleness.describe()}, "
                     f"max_staleness {job.max_staleness if job.max_staleness is not None else 'none'}"
                     + (f", secure aggregation in cohorts of {secure.cohort_size}" if secure else "")
+                    + (f" quantized to {secure.quantize_bits} bits" if secure and secure.quantize_bits else "")
                 )
             for job_id in running.recovered:
                 resumed = running.core.job(job_id)

@@ -60,6 +60,9 @@ def main() -> None:
 @click.option("--prefer-charging", is_flag=True, default=None, help="With training slots: charging devices get scarce slots first.")
 @click.option("--min-battery", type=float, default=None, help="With training slots: turn away devices on battery below this charge, in [0, 1].  [default: none]")
 @click.option("--slot-lease", "slot_lease_s", type=float, default=None, help="With training slots: seconds a slot lasts without a heartbeat renewing it.  [default: 120]")
+@click.option("--quantize-bits", type=click.IntRange(0), default=None, help="Secure aggregation: members quantize each value to 8 or 4 bits; the ring shrinks to what the cohort's sum needs and masked inputs travel as uint8/uint16.  [default: full ring precision]")
+@click.option("--value-bound", type=float, default=None, help="Secure aggregation with --quantize-bits: clip each w * delta value to +-this (--clip-bound then bounds the weight w).  [default: --clip-bound]")
+@click.option("--accept-compression", default=None, help="Compressed pushes a plaintext job takes: comma-separated of quantize, top_k, or none.  [default: quantize,top_k]")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Serve TLS with this PEM certificate (chain); needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM private key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Require client certificates signed by this PEM CA (mutual TLS).")
@@ -94,6 +97,8 @@ def server(**options: object) -> None:
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM private key of --cert.")
 @click.option("--insecure", is_flag=True, default=False, help="Talk plaintext instead of TLS (a trusted network only).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File holding this client's token (from `tributary admin enrol`), for servers run with --auth.")
+@click.option("--quantize-bits", type=int, default=None, help="Compress each update by stochastic quantization to 8 or 4 bits (under secure aggregation: the job's cohort setting).")
+@click.option("--top-k", type=float, default=None, help="Send only this fraction (0, 1] of each tensor's largest elements, with error feedback (plaintext jobs only).")
 def client(**options: object) -> None:
     """Join a job and train a built-in task (pull -> train -> push, repeatedly)."""
     from tributary._client_cmd import run_client

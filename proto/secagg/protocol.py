@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from proto.secagg.quantize import FixedPoint
+
 
 class Phase(enum.Enum):
     CHECK_IN = "check_in"
@@ -180,6 +182,16 @@ class CohortPlan:
     scale: float
     bound: float
     vector_length: int  # model parameters + 1 (the weight)
+    weight_scale: float = 0.0
+    """Non-zero: the weight (last element) has its own scale and bound (quantized
+    cohorts, whose few levels must not be spent on the weight's range)."""
+    weight_bound: float = 0.0
+
+    def weight_point(self, values: FixedPoint) -> FixedPoint:
+        """The fixed point of the weight element, given that of the values."""
+        if not self.weight_scale:
+            return values
+        return FixedPoint(bits=self.bits, scale=self.weight_scale, bound=self.weight_bound, max_summands=len(self.members))
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,19 @@ class FixedPoint:
             )
         return cls(bits=bits, scale=_largest_power_of_two_scale(bound, limit), bound=bound, max_summands=max_summands)
 
+    @classmethod
+    def for_values(cls, *, value_bits: int, bound: float, max_summands: int) -> FixedPoint:
+        """Quantized secure aggregation: each member's values get 2^value_bits - 1
+        levels over [-bound, bound] (scale (2^(value_bits-1) - 1) / bound), and the
+        ring is only as wide as the sum of `max_summands` of them needs
+        (`ring_bits_for`), so masked inputs travel in narrower words."""
+        if isinstance(value_bits, bool) or not isinstance(value_bits, int) or not 2 <= value_bits <= 16:
+            raise ValueError(f"value_bits must be an int in [2, 16], got {value_bits!r}")
+        bound = _positive_finite("bound", bound)
+        max_summands = _positive_int("max_summands", max_summands)
+        scale = ((1 << (value_bits - 1)) - 1) / bound
+        return cls(bits=ring_bits_for(value_bits, max_summands), scale=scale, bound=bound, max_summands=max_summands)
+
     @property
     def modulus(self) -> int:
         """2^bits: the ring's size; every encoding is < modulus."""
@@ -179,6 +192,20 @@ class FixedPoint:
         (see `_float32_is_exact`); otherwise float64."""
         narrow = dtype.kind == "f" and dtype.itemsize <= 4
         return np.dtype(np.float32) if narrow and _float32_is_exact(self.scale, self.bound) else np.dtype(np.float64)
+
+
+def ring_bits_for(value_bits: int, summands: int) -> int:
+    """Ring width for the sum of `summands` values of `value_bits` signed bits:
+    value_bits + ceil(log2 summands) + 1 (headroom for the rounding-up and the
+    +1 of the overflow check), at least MIN_BITS."""
+    return max(MIN_BITS, value_bits + math.ceil(math.log2(max(1, summands))) + 1)
+
+
+def masked_dtype(bits: int) -> np.dtype:
+    """The narrowest little-endian word that carries ring elements of `bits`
+    (masked inputs are uniform over the whole ring, so that many bits travel)."""
+    bits = validate_bits(bits)
+    return np.dtype("|u1") if bits <= 8 else np.dtype("<u2") if bits <= 16 else np.dtype("<u4")
 
 
 def _float32_is_exact(scale: float, bound: float) -> bool:
