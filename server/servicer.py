@@ -24,8 +24,9 @@ from proto import tributary_pb2_grpc as pb_grpc
 from proto.metadata import RETRY_PUSHBACK_MS
 import numpy as np
 
-from proto.tensors import MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
-from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader
+from proto.tensors import CHUNK_BYTES, MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
+from server.core import AggregationCore, Job, ModelSnapshot, PushOutcome, Update, UpdateHeader
+from server.uploads import PartialUploads
 from server.roster import ClientState
 from proto.secagg.protocol import KeyAdvert, ProtocolViolation, SealedShares, UnmaskResponse
 from server.cohorts import CohortManager
@@ -44,6 +45,7 @@ from server.errors import (
     StreamDeadlineExceeded,
     Unavailable,
     UnknownClient,
+    UploadSuperseded,
 )
 from server.limits import ServerLimits
 from server.secagg import CohortAborted
@@ -62,6 +64,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ClientAlreadyEnrolled, grpc.StatusCode.ALREADY_EXISTS),
     (UnknownClient, grpc.StatusCode.NOT_FOUND),
     (StreamDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (UploadSuperseded, grpc.StatusCode.ABORTED),
 )
 _REFUSALS = (ServerError, MalformedPayload, ProtocolViolation, CohortAborted)
 _STRATEGY_KIND = {
@@ -89,8 +92,10 @@ class TributaryServicer(pb_grpc.TributaryServicer):
         cohorts: dict[str, CohortManager] | None = None,
         authorizer: Authorizer | None = None,
         limits: ServerLimits | None = None,
+        uploads: PartialUploads | None = None,
     ) -> None:
         self._core = core
+        self._uploads = uploads if uploads is not None else PartialUploads()
         self._cohorts = cohorts or {}
         self._authorizer = authorizer
         self._limits = limits
@@ -121,14 +126,17 @@ class TributaryServicer(pb_grpc.TributaryServicer):
         with _status_on_error(context):
             self._authorize(context, request.job_id)
             job = self._core.job(request.job_id)
-            if request.min_version > 0:
+            offset = 0
+            if request.resume:
+                snapshot, offset = _resume_point(job, request)
+            elif request.min_version > 0:
                 timeout = min(request.wait_timeout_ms / 1000.0, MAX_LONG_POLL_S)
                 snapshot = job.wait_for_version(request.min_version, timeout)
             else:
                 snapshot = job.snapshot()
-            header = pb.ModelHeader(job_id=job.job_id, version=snapshot.version, header=header_to_pb(snapshot.specs))
+            header = pb.ModelHeader(job_id=job.job_id, version=snapshot.version, header=header_to_pb(snapshot.specs), offset=offset)
         yield pb.PullResponse(model=header)
-        for data in snapshot.chunks():
+        for data in snapshot.chunks(start=offset):
             response = pb.PullResponse()
             response.chunk.data = data  # one copy; PullResponse(chunk=Chunk(data=...)) makes two
             yield response
@@ -157,16 +165,36 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             stored = job.admit(header)
             if stored is not None:
                 return _ack(job.job_id, stored)
-            assembler = PayloadAssembler(specs)
-            for request in request_iterator:
-                if request.WhichOneof("kind") != "chunk":
-                    raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
-                assembler.add(request.chunk.data)
-                faults.point("push.receiving")
-            outcome = job.submit(Update(header, assembler.finish()))
+            upload = self._uploads.attach(header, message.resume_offset)
+            try:
+                for request in request_iterator:
+                    if request.WhichOneof("kind") != "chunk":
+                        raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
+                    upload.add(request.chunk.data)
+                    faults.point("push.receiving")
+            except (MalformedPayload, InvalidUpdate, UploadSuperseded):
+                upload.discard()  # bad data is never kept; a superseded stream owns nothing
+                raise
+            except BaseException:
+                upload.park()  # the stream broke (connection lost, a deadline): keep what arrived for a resume
+                raise
+            outcome = job.submit(Update(header, upload.take()))
             faults.point("push.acking")
             return _ack(job.job_id, outcome)
         raise AssertionError("unreachable: _status_on_error aborts")  # pragma: no cover
+
+    def GetUploadOffset(self, request: pb.UploadOffsetRequest, context: grpc.ServicerContext) -> pb.UploadOffset:
+        with _status_on_error(context):
+            self._authorize(context, request.job_id, request.client_id)
+            job = self._core.job(request.job_id)
+            _check_id("client_id", request.client_id)
+            _check_id("idempotency_key", request.idempotency_key)
+            if not request.client_id or not request.idempotency_key:
+                raise InvalidUpdate("name the upload: client_id and idempotency_key must not be empty")
+            if job.acknowledged(request.client_id, request.idempotency_key):
+                return pb.UploadOffset(offset=0, accepted=True)
+            return pb.UploadOffset(offset=self._uploads.offset(job.job_id, request.client_id, request.idempotency_key))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatAck:
         with _status_on_error(context):
@@ -310,6 +338,20 @@ def _by_peer(shares: Iterable[pb.SealedShare], what: str, who: str = "peer") -> 
             raise InvalidUpdate(f"each {who} may appear once among the {what}; member {share.peer} appears twice")
         by_peer[share.peer] = share.blob
     return by_peer
+
+
+def _resume_point(job: Job, request: pb.PullRequest) -> tuple[ModelSnapshot, int]:
+    """The snapshot and byte offset a resumed pull continues from."""
+    if request.min_version > 0:
+        raise InvalidUpdate("a resumed pull names its version (resume_version); drop min_version")
+    snapshot = job.snapshot_at(request.resume_version)
+    offset = request.resume_offset
+    if offset % CHUNK_BYTES or offset > snapshot.payload_bytes:
+        raise InvalidUpdate(
+            f"resume_offset {offset} must be a multiple of the {CHUNK_BYTES}-byte chunk size and at most the "
+            f"model's {snapshot.payload_bytes} bytes; resume after the last whole chunk received"
+        )
+    return snapshot, offset
 
 
 def _check_id(field: str, value: str) -> None:
