@@ -79,6 +79,8 @@ _CLIENT_STATES = {
 }
 MAX_LONG_POLL_S = 30.0
 MAX_ID_LENGTH = 128
+OFFSET_SETTLE_S = 5.0
+"""Longest GetUploadOffset waits for a stream still writing the upload (server/uploads.py)."""
 
 
 class TributaryServicer(pb_grpc.TributaryServicer):
@@ -193,7 +195,8 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 raise InvalidUpdate("name the upload: client_id and idempotency_key must not be empty")
             if job.acknowledged(request.client_id, request.idempotency_key):
                 return pb.UploadOffset(offset=0, accepted=True)
-            return pb.UploadOffset(offset=self._uploads.offset(job.job_id, request.client_id, request.idempotency_key))
+            held = self._uploads.offset(job.job_id, request.client_id, request.idempotency_key, settle_s=OFFSET_SETTLE_S)
+            return pb.UploadOffset(offset=held)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatAck:

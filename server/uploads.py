@@ -38,6 +38,8 @@ from proto.tensors import CHUNK_BYTES, PayloadAssembler
 from server.core import UpdateHeader
 from server.errors import InvalidUpdate, PreconditionFailed, UploadSuperseded
 
+QUIET_S = 0.5
+"""A stream that sent nothing for this long is taken to have stopped (see `offset`)."""
 UploadKey = tuple[str, str, str]
 """(job id, client id, idempotency key)."""
 
@@ -73,6 +75,8 @@ class PartialUploads:
         self.expiry_s = expiry_s
         self._clock = clock
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        """Notified when a stream lets go of its upload."""
         self._uploads: dict[UploadKey, _Upload] = {}
         self._parked: collections.OrderedDict[UploadKey, int] = collections.OrderedDict()
         """Parked uploads, oldest first, with the bytes each holds."""
@@ -122,15 +126,28 @@ class PartialUploads:
             self._resumed += 1
             return UploadTicket(self, key, upload, ticket)
 
-    def offset(self, job_id: str, client_id: str, idempotency_key: str) -> int:
-        """Bytes held of this upload, at a chunk boundary (0: none)."""
-        with self._lock:
-            self._expire(self._clock())
-            upload = self._uploads.get((job_id, client_id, idempotency_key))
-            if upload is None:
-                return 0
-            with upload.lock:
-                return upload.offset
+    def offset(self, job_id: str, client_id: str, idempotency_key: str, settle_s: float = 0.0) -> int:
+        """Bytes held of this upload, at a chunk boundary (0: none).
+
+        A client asks after its stream broke, often before the server has seen
+        the connection go and read what had already arrived: while a stream
+        still writes to the upload, wait up to `settle_s` for it to end (parked,
+        taken or dropped) or to go `QUIET_S` without a chunk, so that the
+        answer covers every byte that made it here."""
+        key = (job_id, client_id, idempotency_key)
+        give_up = time.monotonic() + settle_s
+        with self._changed:
+            while True:
+                self._expire(self._clock())
+                upload = self._uploads.get(key)
+                if upload is None:
+                    return 0
+                with upload.lock:
+                    active, quiet, held = upload.owner > 0, self._clock() - upload.touched >= QUIET_S, upload.offset
+                left = give_up - time.monotonic()
+                if not active or quiet or left <= 0:
+                    return held
+                self._changed.wait(min(left, QUIET_S / 4))
 
     def stats(self) -> UploadStats:
         with self._lock:
@@ -153,6 +170,7 @@ class PartialUploads:
                 upload.owner = 0
                 upload.touched = self._clock()
                 held = upload.offset
+            self._changed.notify_all()
             if held == 0 or held > self.budget_bytes:
                 del self._uploads[key]  # nothing to resume from, or more than may ever be kept
                 self._evicted += held > 0
@@ -173,6 +191,7 @@ class PartialUploads:
                 upload.owner = -1
             if self._uploads.get(key) is upload:
                 del self._uploads[key]
+            self._changed.notify_all()
             return True
 
     def _unpark(self, key: UploadKey) -> None:
@@ -215,6 +234,7 @@ class UploadTicket:
                     "this stream's bytes are not used"
                 )
             upload.assembler.add(data)  # MalformedPayload on a chunk too many or too large
+            upload.touched = self._uploads._clock()
 
     def take(self) -> dict[str, np.ndarray]:
         """The whole payload, removed from the store (MalformedPayload if truncated)."""
