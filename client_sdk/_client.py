@@ -14,6 +14,10 @@ with `retry_after_s`) for the app to schedule; never on UNAUTHENTICATED or
 PERMISSION_DENIED, which a retry would not change. A push picks its idempotency key
 once and reuses it on every retry, so a retried push whose ack was lost is
 counted once by the server (which answers with the first ack, `duplicate=True`).
+A push or pull cut off mid-stream resumes on its retry: a push asks the server
+how much of it arrived (GetUploadOffset) and sends only the rest; a pull asks
+for the same version from its last whole chunk; either starts over when the
+server no longer holds what it had (FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
