@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from proto.tensors import CHUNK_BYTES, PayloadAssembler
+from proto.tensors import CHUNK_BYTES, MalformedPayload, PayloadAssembler
 from server.core import UpdateHeader
 from server.errors import InvalidUpdate, PreconditionFailed, UploadSuperseded
 
@@ -237,7 +237,16 @@ class UploadTicket:
             upload.touched = self._uploads._clock()
 
     def take(self) -> dict[str, np.ndarray]:
-        """The whole payload, removed from the store (MalformedPayload if truncated)."""
+        """The whole payload, removed from the store. A stream that ended
+        short is refused (MalformedPayload) but parked: gRPC can hand the
+        servicer a cancelled stream (a cut connection) as one that ended, so
+        what arrived is kept for a resume all the same."""
+        assembler = self._upload.assembler
+        with self._upload.lock:
+            received, expected = assembler.received_bytes, assembler.expected_bytes
+        if received != expected:
+            self.park()
+            raise MalformedPayload(f"stream ended after {received} of {expected} payload bytes (truncated)")
         if not self._uploads._release(self._key, self._upload, self._ticket):
             raise UploadSuperseded(
                 f"upload {self._key[2]!r} was taken over by a newer push with the same idempotency key; "
