@@ -14,17 +14,22 @@ with `retry_after_s`) for the app to schedule; never on UNAUTHENTICATED or
 PERMISSION_DENIED, which a retry would not change. A push picks its idempotency key
 once and reuses it on every retry, so a retried push whose ack was lost is
 counted once by the server (which answers with the first ack, `duplicate=True`).
+A push or pull cut off mid-stream resumes on its retry: a push asks the server
+how much of it arrived (GetUploadOffset) and sends only the rest; a pull asks
+for the same version from its last whole chunk; either starts over when the
+server no longer holds what it had (FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import logging
 import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -49,6 +54,7 @@ from client_sdk._compression import Compression, Compressor
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import (
+    CHUNK_BYTES,
     MalformedPayload,
     PayloadAssembler,
     TensorSpec,
@@ -59,6 +65,7 @@ from proto.tensors import (
 )
 
 T = TypeVar("T")
+LOG = logging.getLogger("tributary.client")
 MAX_WAIT_S = 3600.0
 HEARTBEAT_TIMEOUT_S = 10.0
 _STRATEGY_NAMES = {pb.STRATEGY_KIND_FEDASYNC: "fedasync", pb.STRATEGY_KIND_FEDBUFF: "fedbuff", pb.STRATEGY_KIND_FEDAVG: "fedavg"}
@@ -283,7 +290,8 @@ class Client:
         if not 0 <= wait_s <= MAX_WAIT_S:
             raise ValueError(f"wait_s must be between 0 and {MAX_WAIT_S} seconds, got {wait_s}")
         request = pb.PullRequest(job_id=self.job, min_version=min_version, wait_timeout_ms=int(wait_s * 1000))
-        pulled = self._with_retries("pull", lambda: self._pull_once(request, timeout=self.timeout_s + wait_s))
+        partial = _PartialPull()
+        pulled = self._with_retries("pull", lambda: self._pull_once(request, self.timeout_s + wait_s, partial))
         self.last_pulled_version = pulled.version
         return pulled
 
@@ -368,14 +376,38 @@ class Client:
         except MalformedPayload as error:
             raise TributaryError(f"cannot send this update: {error}") from error
 
-        def requests() -> Iterator[pb.PushRequest]:
-            yield pb.PushRequest(update=header)
-            for data in iter_chunks(payload):
+        def requests(offset: int) -> Iterator[pb.PushRequest]:
+            first = pb.PushRequest(update=header)
+            first.update.resume_offset = offset
+            yield first
+            for data in iter_chunks(payload, start=offset):
                 request = pb.PushRequest()
                 request.chunk.data = data  # one copy; PushRequest(chunk=Chunk(data=...)) makes two
                 yield request
 
-        ack: pb.PushAck = self._with_retries("push", lambda: self._stub.Push(requests(), timeout=self.timeout_s))
+        tried = False
+
+        def attempt() -> pb.PushAck:
+            # A retry first asks how much of this upload the server holds and
+            # sends only the rest; should those bytes be gone by the time the
+            # resumed stream arrives (expired, evicted, a restart), the server
+            # says FAILED_PRECONDITION and the whole update goes once more.
+            nonlocal tried
+            offset = self._upload_offset(key) if tried else 0
+            tried = True
+            if offset:
+                LOG.info("push %s: resuming at byte %d of %d", key, offset, header.header.payload_bytes)
+                try:
+                    ack: pb.PushAck = self._stub.Push(requests(offset), timeout=self.timeout_s)
+                    return ack
+                except grpc.RpcError as error:
+                    if status_code(error) != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+                    LOG.info("push %s: the server no longer holds byte %d (%s); sending the whole update", key, offset, _details_of(error))
+            ack = self._stub.Push(requests(0), timeout=self.timeout_s)
+            return ack
+
+        ack: pb.PushAck = self._with_retries("push", attempt)
         if compressor is not None:
             compressor.commit(residual)  # only now: a refused update leaves the residual as it was
         return PushResult(
@@ -410,13 +442,58 @@ class Client:
         return self._compressors[compression]
 
     def _pull_once(self, request: pb.PullRequest, timeout: float) -> PulledModel:
+    def _upload_offset(self, key: str) -> int:
+        """Where a retried push resumes: the bytes of upload `key` the server
+        holds (0: none, or it was accepted already and any push with the key
+        gets its first ack back at the header, or the server predates resuming)."""
+        request = pb.UploadOffsetRequest(job_id=self.job, client_id=self.client_id, idempotency_key=key)
+        try:
+            answer: pb.UploadOffset = self._stub.GetUploadOffset(request, timeout=min(HEARTBEAT_TIMEOUT_S, self.timeout_s))
+        except grpc.RpcError as error:
+            if status_code(error) == grpc.StatusCode.UNIMPLEMENTED:
+                return 0
+            raise
+        return 0 if answer.accepted else int(answer.offset)
+
+    def _pull_once(self, request: pb.PullRequest, timeout: float, partial: _PartialPull) -> PulledModel:
+        """One attempt; `partial` carries what earlier attempts received, so a
+        pull cut off mid-stream resumes on the same version after its last
+        whole chunk. A version the server no longer keeps (FAILED_PRECONDITION)
+        starts over with the current one."""
+        if partial.assembler is not None:
+            offset = partial.assembler.received_bytes - partial.assembler.received_bytes % CHUNK_BYTES
+            resume = pb.PullRequest(job_id=self.job, resume=True, resume_version=partial.version, resume_offset=offset)
+            LOG.info("pull of version %d: resuming at byte %d of %d", partial.version, offset, partial.assembler.expected_bytes)
+            try:
+                return self._pull_stream(resume, timeout, partial)
+            except grpc.RpcError as error:
+                if status_code(error) != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                LOG.info("pull: the server no longer keeps version %d (%s); pulling the current one", partial.version, _details_of(error))
+                partial.assembler = None
+        return self._pull_stream(request, timeout, partial)
+
+    def _pull_stream(self, request: pb.PullRequest, timeout: float, partial: _PartialPull) -> PulledModel:
         stream = self._stub.Pull(request, timeout=timeout)
         try:
             first = next(stream, None)
             if first is None or first.WhichOneof("kind") != "model":
                 raise ProtocolError("pull answer did not start with a model header")
             specs = specs_from_pb(first.model.header)
-            assembler = PayloadAssembler(specs)
+            if request.resume:
+                assembler = partial.assembler
+                assert assembler is not None
+                if (first.model.version, first.model.offset, specs) != (partial.version, request.resume_offset, partial.specs):
+                    raise ProtocolError(
+                        f"server answered a resumed pull of version {partial.version} at byte {request.resume_offset} "
+                        f"with version {first.model.version} at byte {first.model.offset}, or other tensors"
+                    )
+                assembler.rewind(request.resume_offset)
+            else:
+                if first.model.offset:
+                    raise ProtocolError(f"server answered a whole pull from byte {first.model.offset}")
+                assembler = partial.assembler = PayloadAssembler(specs)
+                partial.version, partial.specs = first.model.version, specs
             for message in stream:
                 if message.WhichOneof("kind") != "chunk":
                     raise ProtocolError("pull answer carried a second header")
@@ -464,6 +541,18 @@ def _device_to_pb(state: DeviceState) -> pb.DeviceState:
     if state.battery_level is not None:
         message.battery_level = state.battery_level
     return message
+@dataclass
+class _PartialPull:
+    """What earlier attempts of one pull received."""
+
+    version: int = 0
+    specs: list[TensorSpec] = field(default_factory=list)
+    assembler: PayloadAssembler | None = None
+
+
+def _details_of(error: grpc.RpcError) -> str:
+    details = getattr(error, "details", None)
+    return str(details()) if callable(details) else str(error)
 
 
 def _to_numpy(value: Any) -> np.ndarray:

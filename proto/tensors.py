@@ -118,17 +118,25 @@ def as_wire_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=wire_dtype(array.dtype))
 
 
-def iter_chunks(arrays: Iterable[np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+def iter_chunks(arrays: Iterable[np.ndarray], chunk_bytes: int = CHUNK_BYTES, start: int = 0) -> Iterator[bytes]:
     """Cut the concatenated bytes of `arrays` into chunks of exactly `chunk_bytes`
     (the last may be shorter). Small tensors share chunks, so a model of many
-    biases does not turn into many tiny messages."""
+    biases does not turn into many tiny messages. With `start`, the bytes
+    before it are skipped: a resumed transfer from a multiple of `chunk_bytes`
+    sends exactly the chunks the whole stream would have sent from there."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     pending = bytearray()
+    skip = start
     for array in arrays:
         # flattened first: memoryview cannot cast a view with a zero in its shape
         view = memoryview(as_wire_array(array).reshape(-1)).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
-        pos = 0
+        if skip >= len(view):
+            skip -= len(view)
+            continue
+        pos, skip = skip, 0
         while pos < len(view):
             take = min(chunk_bytes - len(pending), len(view) - pos)
             if not pending and take == chunk_bytes:
@@ -175,6 +183,16 @@ class PayloadAssembler:
             )
         self._view[self._filled : end] = data
         self._filled = end
+
+    @property
+    def expected_bytes(self) -> int:
+        return self._expected
+
+    def rewind(self, offset: int) -> None:
+        """Forget the bytes from `offset` on (a resumed stream sends them again)."""
+        if not 0 <= offset <= self._filled:
+            raise MalformedPayload(f"cannot resume at byte {offset}: only {self._filled} bytes were received")
+        self._filled = offset
 
     def finish(self) -> dict[str, np.ndarray]:
         if self._filled != self._expected:

@@ -120,14 +120,20 @@ class CompressionSupport(_message.Message):
     def __init__(self, quantize: _Optional[bool] = ..., top_k: _Optional[bool] = ..., secure_quantize_bits: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "min_version", "wait_timeout_ms")
+    __slots__ = ("job_id", "min_version", "wait_timeout_ms", "resume", "resume_version", "resume_offset")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    RESUME_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_OFFSET_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     min_version: int
     wait_timeout_ms: int
-    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
+    resume: bool
+    resume_version: int
+    resume_offset: int
+    def __init__(self, job_id: _Optional[str] = ..., min_version: _Optional[int] = ..., wait_timeout_ms: _Optional[int] = ..., resume: _Optional[bool] = ..., resume_version: _Optional[int] = ..., resume_offset: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("model", "chunk")
@@ -138,14 +144,16 @@ class PullResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("job_id", "version", "header")
+    __slots__ = ("job_id", "version", "header", "offset")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     version: int
     header: TensorHeader
-    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
+    offset: int
+    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("update", "chunk")
@@ -156,7 +164,7 @@ class PushRequest(_message.Message):
     def __init__(self, update: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("job_id", "client_id", "idempotency_key", "base_version", "num_samples", "header", "energy_joules", "encoding")
+    __slots__ = ("job_id", "client_id", "idempotency_key", "base_version", "num_samples", "header", "energy_joules", "encoding", "resume_offset")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +173,7 @@ class UpdateHeader(_message.Message):
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    RESUME_OFFSET_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     client_id: str
     idempotency_key: str
@@ -173,7 +182,8 @@ class UpdateHeader(_message.Message):
     header: TensorHeader
     energy_joules: float
     encoding: UpdateEncoding
-    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., energy_joules: _Optional[float] = ..., encoding: _Optional[_Union[UpdateEncoding, _Mapping]] = ...) -> None: ...
+    resume_offset: int
+    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., energy_joules: _Optional[float] = ..., encoding: _Optional[_Union[UpdateEncoding, _Mapping]] = ..., resume_offset: _Optional[int] = ...) -> None: ...
 
 class UpdateEncoding(_message.Message):
     __slots__ = ("quantize_bits", "top_k_fraction")
@@ -182,6 +192,24 @@ class UpdateEncoding(_message.Message):
     quantize_bits: int
     top_k_fraction: float
     def __init__(self, quantize_bits: _Optional[int] = ..., top_k_fraction: _Optional[float] = ...) -> None: ...
+
+class UploadOffsetRequest(_message.Message):
+    __slots__ = ("job_id", "client_id", "idempotency_key")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    client_id: str
+    idempotency_key: str
+    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class UploadOffset(_message.Message):
+    __slots__ = ("offset", "accepted")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    accepted: bool
+    def __init__(self, offset: _Optional[int] = ..., accepted: _Optional[bool] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("job_id", "version_at_arrival", "staleness", "staleness_weight", "version_after", "duplicate")

@@ -69,6 +69,11 @@ class TributaryStub:
                 request_serializer=proto_dot_tributary__pb2.VersionHistoryRequest.SerializeToString,
                 response_deserializer=proto_dot_tributary__pb2.VersionHistory.FromString,
                 _registered_method=True)
+        self.GetUploadOffset = channel.unary_unary(
+                '/tributary.v1.Tributary/GetUploadOffset',
+                request_serializer=proto_dot_tributary__pb2.UploadOffsetRequest.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.UploadOffset.FromString,
+                _registered_method=True)
         self.JoinCohort = channel.unary_unary(
                 '/tributary.v1.Tributary/JoinCohort',
                 request_serializer=proto_dot_tributary__pb2.JoinCohortRequest.SerializeToString,
@@ -144,6 +149,13 @@ class TributaryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUploadOffset(self, request, context):
+        """How much of an interrupted push the server holds (resumable uploads).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def JoinCohort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -212,6 +224,11 @@ def add_TributaryServicer_to_server(servicer, server):
                     servicer.GetVersionHistory,
                     request_deserializer=proto_dot_tributary__pb2.VersionHistoryRequest.FromString,
                     response_serializer=proto_dot_tributary__pb2.VersionHistory.SerializeToString,
+            ),
+            'GetUploadOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadOffset,
+                    request_deserializer=proto_dot_tributary__pb2.UploadOffsetRequest.FromString,
+                    response_serializer=proto_dot_tributary__pb2.UploadOffset.SerializeToString,
             ),
             'JoinCohort': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinCohort,
@@ -410,6 +427,33 @@ class Tributary:
             '/tributary.v1.Tributary/GetVersionHistory',
             proto_dot_tributary__pb2.VersionHistoryRequest.SerializeToString,
             proto_dot_tributary__pb2.VersionHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUploadOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/GetUploadOffset',
+            proto_dot_tributary__pb2.UploadOffsetRequest.SerializeToString,
+            proto_dot_tributary__pb2.UploadOffset.FromString,
             options,
             channel_credentials,
             insecure,

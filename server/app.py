@@ -34,6 +34,7 @@ from server.limits_interceptor import LimitsInterceptor
 from server.models import load_model
 from server.servicer import TributaryServicer
 from server.store import StateStore
+from server.uploads import PartialUploads
 
 SERVICE_NAME = "tributary.v1.Tributary"
 logger = logging.getLogger("tributary.server")
@@ -57,6 +58,8 @@ class RunningServer:
     """Where the admin token is, with auth on."""
     admin_token_generated: bool = False
     """True when this start generated it into <state_dir>/admin.token."""
+    uploads: PartialUploads | None = None
+    """Interrupted pushes kept for their clients to resume."""
 
 
 def load_initial_models(config: ServerConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -131,7 +134,8 @@ def running_server(
         if job.secure_aggregation is not None
     }
     authorizer = Authorizer(registry) if registry is not None else None
-    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts, authorizer, limits), server)
+    uploads = PartialUploads(config.resume_budget_bytes, config.resume_expiry_s)
+    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts, authorizer, limits, uploads), server)
     if registry is not None:  # with auth off there is no admin credential, so no Admin service
         pb_grpc.add_AdminServicer_to_server(AdminServicer(core, registry), server)
     health_servicer = health.HealthServicer()
@@ -166,6 +170,7 @@ def running_server(
         yield RunningServer(
             port, f"{host}:{port}", core, server, health_servicer, limits, tls=credentials is not None, recovered=tuple(recovered),
             registry=registry, admin_token_file=admin.source if admin else None, admin_token_generated=admin_generated,
+            uploads=uploads,
         )  # fmt: skip
     finally:
         in_flight.close()

@@ -55,6 +55,7 @@ STALENESS_KINDS = ("constant", "polynomial", "hinge")
 NORMALIZERS = ("count", "weight_sum")
 MAX_HEARTBEAT_INTERVAL_S = 3600.0
 """Keeps next_heartbeat_ms (uint32) far from overflowing."""
+MAX_KEEP_VERSIONS_FOR_RESUME = 100
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -255,7 +256,7 @@ SERVER_KEYS = frozenset(
     {
         "address", "max_workers", "insecure", "state_dir", "grace_period_s", "auth", "admin_token_file",
         "max_concurrent_streams", "rate_limit_per_s", "rate_limit_burst", "stream_timeout_s", "stream_idle_timeout_s",
-        "checkpoint_every", "keep_checkpoints", "keep_log_entries",
+        "checkpoint_every", "keep_checkpoints", "keep_log_entries", "resume_budget_bytes", "resume_expiry_s",
     }
 )  # fmt: skip
 """Server-level keys besides the [tls] table (TOML top level; CLI flags that also apply with --config)."""
@@ -303,6 +304,9 @@ class JobConfig:
     """Compressed pushes the job takes ("quantize", "top_k"); None: both in
     plaintext jobs. Secure-aggregation jobs take no plain pushes: their cohorts
     quantize with secure_aggregation.quantize_bits, and top-k never composes."""
+    keep_versions_for_resume: int = 2
+    """Published versions kept, besides the current one, for pulls cut off
+    mid-stream to resume from (each is a whole model in memory)."""
 
     def __post_init__(self) -> None:
         if self.secure_aggregation is not None and self.strategy.name != "fedbuff":
@@ -339,6 +343,11 @@ class JobConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (_is_int(self.keep_versions_for_resume) and 0 <= self.keep_versions_for_resume <= MAX_KEEP_VERSIONS_FOR_RESUME):
+            raise ConfigError(
+                f"keep_versions_for_resume must be an integer from 0 to {MAX_KEEP_VERSIONS_FOR_RESUME} "
+                f"(each kept version is a whole model in memory), got {self.keep_versions_for_resume!r}"
+            )
         for name in ("heartbeat_interval_s", "roster_expiry_s"):
             _positive(name, getattr(self, name))
         if self.heartbeat_interval_s > MAX_HEARTBEAT_INTERVAL_S:
@@ -410,7 +419,7 @@ class JobConfig:
                 staleness[key.removeprefix("staleness_")] = float(value)
             elif key in (
                 "max_staleness", "max_update_bytes", "idempotency_window", "heartbeat_interval_s", "roster_expiry_s", "roster_max_clients",
-                "max_concurrent_trainers", "prefer_charging", "min_battery", "slot_lease_s",
+                "max_concurrent_trainers", "prefer_charging", "min_battery", "slot_lease_s", "keep_versions_for_resume",
             ):  # fmt: skip
                 job[key] = value
             elif key == "initial_model":
@@ -549,6 +558,11 @@ class ServerConfig:
     """Longest a stream may stay open, from its first message."""
     stream_idle_timeout_s: float = 60.0
     """Longest a stream may go without a message before it is cut off."""
+    resume_budget_bytes: int = 1 << 30
+    """Bytes of interrupted pushes kept, across all jobs, for their clients to
+    resume (server/uploads.py); the oldest are dropped first. 0: none are kept."""
+    resume_expiry_s: float = 600.0
+    """An interrupted push is dropped this long after its last byte arrived."""
 
     def __post_init__(self) -> None:
         if self.state_dir is not None and not isinstance(self.state_dir, Path):
@@ -634,6 +648,9 @@ class ServerConfig:
                 raise ConfigError(f"rate_limit_burst must be an integer >= 1, got {self.rate_limit_burst!r}")
         _positive("stream_timeout_s", self.stream_timeout_s)
         _positive("stream_idle_timeout_s", self.stream_idle_timeout_s)
+        if not (_is_int(self.resume_budget_bytes) and self.resume_budget_bytes >= 0):
+            raise ConfigError(f"resume_budget_bytes must be an integer >= 0 (0 keeps no interrupted push), got {self.resume_budget_bytes!r}")
+        _positive("resume_expiry_s", self.resume_expiry_s)
 
     @property
     def stream_limit(self) -> int:

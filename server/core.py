@@ -108,8 +108,9 @@ class ModelSnapshot:
         """A snapshot of arrays the caller keeps (and might change later)."""
         return cls(version, specs, {name: np.array(array, copy=True) for name, array in tensors.items()})
 
-    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-        return iter_chunks(self.tensors.values(), chunk_bytes)
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES, start: int = 0) -> Iterator[bytes]:
+        """The payload in chunks, from byte `start` (a resumed pull)."""
+        return iter_chunks(self.tensors.values(), chunk_bytes, start)
 
 
 def _freeze(array: np.ndarray) -> None:
@@ -139,6 +140,14 @@ class UpdateHeader:
     def payload_bytes(self) -> int:
         """The bytes on the wire (encoded size when compressed)."""
         return encoded_size(self.specs, self.encoding)
+
+    @property
+    def wire_specs(self) -> tuple[TensorSpec, ...]:
+        """What the payload's bytes are on the wire: the tensors themselves, or
+        one opaque byte string when compressed (decoded once it is whole)."""
+        if self.encoding.is_raw:
+            return self.specs
+        return (TensorSpec("encoded", np.dtype("|u1"), (self.payload_bytes,)),)
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,9 @@ class Job:
         self._lock = threading.Lock()
         self._version_changed = threading.Condition(self._lock)
         self._current = ModelSnapshot.copy_of(0, self.specs, initial)
+        self._previous: tuple[ModelSnapshot, ...] = ()
+        """The latest versions before the current one, newest first, for resumed
+        pulls; replaced whole (never changed in place), like `_current`."""
         self._acks: collections.OrderedDict[str, _Remembered] = collections.OrderedDict()
         self._journal: Journal | None = None
         self._window_overflowed = False
@@ -284,6 +296,7 @@ class Job:
             raise StateError(f"job {self.job_id!r}: the checkpoint of version {version} does not match the model's tensors")
         with self._lock:
             self._current = ModelSnapshot.copy_of(version, self.specs, tensors)
+            self._previous = ()
             self._strategy = build_strategy(self.config.strategy)
             self.stats.versions.clear()
             self.stats.versions.append((version, published_at))
@@ -336,6 +349,35 @@ class Job:
         # No lock: replacing the reference is atomic and snapshots never change,
         # so a pull never waits for an aggregation in progress.
         return self._current
+
+    def snapshot_at(self, version: int) -> ModelSnapshot:
+        """Version `version`, if it is the current one or among the
+        `keep_versions_for_resume` before it (a pull cut off mid-stream resumes
+        on the version it started); PreconditionFailed naming it otherwise."""
+        current, previous = self._current, self._previous  # no lock: see snapshot()
+        for snapshot in (current, *previous):
+            if snapshot.version == version:
+                return snapshot
+        if version > current.version:
+            raise UnknownVersion(
+                f"version {version} was never published by job {self.job_id!r} (latest is {current.version}); "
+                "pull the current model"
+            )
+        kept = [s.version for s in (current, *previous)]
+        raise PreconditionFailed(
+            f"version {version} of job {self.job_id!r} is no longer held for resuming (this server keeps "
+            f"versions {min(kept)}-{max(kept)}, keep_versions_for_resume={self.config.keep_versions_for_resume}); "
+            "pull the current model from the start"
+        )
+
+    def acknowledged(self, client_id: str, idempotency_key: str) -> bool:
+        """Whether `client_id`'s update under this key was accepted already."""
+        with self._lock:
+            remembered = self._acks.get(idempotency_key)
+            if remembered is None and self._journal is not None and self._window_overflowed:
+                logged = self._journal.recall(self.job_id, idempotency_key)
+                return logged is not None and logged[0].client_id == client_id
+            return remembered is not None and remembered.client_id == client_id
 
     def wait_for_version(self, min_version: int, timeout_s: float) -> ModelSnapshot:
         """The current snapshot once its version is >= min_version, or the
@@ -636,6 +678,7 @@ class Job:
 
     def _publish(self, params: Mapping[str, np.ndarray], seq: int, *, replaying: bool = False, energy: float = 0.0) -> None:
         """Publish the next version; `energy`: the joules of every update in it."""
+        self._previous = (self._current, *self._previous)[: self.config.keep_versions_for_resume]
         self._current = ModelSnapshot(self._current.version + 1, self.specs, params)
         self.stats.versions.append((self._current.version, self._current.created_at))
         self.stats.version_energy.append((self._current.version, energy))

@@ -13,6 +13,7 @@
     +-- StreamDeadlineExceeded   a stream ran past stream_timeout_s or went quiet
     |                            for longer than stream_idle_timeout_s
     +-- IdempotencyConflict      key reused for a different update
+    +-- UploadSuperseded         a push stream whose upload a resumed push took over
     +-- NotAuthenticated         no credential, or one the server does not accept
     +-- PermissionDenied         a known credential, not allowed to do this
     +-- ClientAlreadyEnrolled    enrolling an active client without `rotate`
@@ -80,6 +81,10 @@ class StreamDeadlineExceeded(ServerError):
 
 class IdempotencyConflict(InvalidUpdate):
     pass
+
+
+class UploadSuperseded(ServerError):
+    """A resumed push took this stream's upload over (server/uploads.py)."""
 
 
 class NotAuthenticated(ServerError):

@@ -25,8 +25,9 @@ from proto.metadata import RETRY_PUSHBACK_MS
 import numpy as np
 
 from proto.compression import RAW, Encoding, decode_payload, encoded_size
-from proto.tensors import MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
-from server.core import AggregationCore, Job, PushOutcome, Update, UpdateHeader, check_energy
+from proto.tensors import CHUNK_BYTES, MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
+from server.core import AggregationCore, Job, ModelSnapshot, PushOutcome, Update, UpdateHeader, check_energy
+from server.uploads import PartialUploads, TruncatedPayload
 from server.roster import ClientState
 from server.scheduling import DeviceReport
 from proto.secagg.protocol import KeyAdvert, ProtocolViolation, SealedShares, UnmaskResponse
@@ -46,6 +47,7 @@ from server.errors import (
     StreamDeadlineExceeded,
     Unavailable,
     UnknownClient,
+    UploadSuperseded,
 )
 from server.limits import ServerLimits
 from server.secagg import CohortAborted
@@ -64,6 +66,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ClientAlreadyEnrolled, grpc.StatusCode.ALREADY_EXISTS),
     (UnknownClient, grpc.StatusCode.NOT_FOUND),
     (StreamDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (UploadSuperseded, grpc.StatusCode.ABORTED),
 )
 _REFUSALS = (ServerError, MalformedPayload, ProtocolViolation, CohortAborted)
 _STRATEGY_KIND = {
@@ -80,8 +83,12 @@ MAX_LONG_POLL_S = 30.0
 MAX_ID_LENGTH = 128
 DEFAULT_HISTORY = 100
 MAX_HISTORY = 1000
-_RETRIED_REFUSALS = (RetryLater, Unavailable, StreamDeadlineExceeded)
-"""Refusals the SDK retries with the same update: its training slot stays held for the retry."""
+_RETRIED_REFUSALS = (RetryLater, Unavailable, StreamDeadlineExceeded, TruncatedPayload, UploadSuperseded)
+"""Refusals after which the update may still arrive (the SDK retries it, or
+resumes a cut upload, or another stream took the upload over): the client's
+training slot stays held."""
+OFFSET_SETTLE_S = 5.0
+"""Longest GetUploadOffset waits for a stream still writing the upload (server/uploads.py)."""
 
 
 class TributaryServicer(pb_grpc.TributaryServicer):
@@ -95,8 +102,10 @@ class TributaryServicer(pb_grpc.TributaryServicer):
         cohorts: dict[str, CohortManager] | None = None,
         authorizer: Authorizer | None = None,
         limits: ServerLimits | None = None,
+        uploads: PartialUploads | None = None,
     ) -> None:
         self._core = core
+        self._uploads = uploads if uploads is not None else PartialUploads()
         self._cohorts = cohorts or {}
         self._authorizer = authorizer
         self._limits = limits
@@ -135,14 +144,17 @@ class TributaryServicer(pb_grpc.TributaryServicer):
         with _status_on_error(context):
             self._authorize(context, request.job_id)
             job = self._core.job(request.job_id)
-            if request.min_version > 0:
+            offset = 0
+            if request.resume:
+                snapshot, offset = _resume_point(job, request)
+            elif request.min_version > 0:
                 timeout = min(request.wait_timeout_ms / 1000.0, MAX_LONG_POLL_S)
                 snapshot = job.wait_for_version(request.min_version, timeout)
             else:
                 snapshot = job.snapshot()
-            header = pb.ModelHeader(job_id=job.job_id, version=snapshot.version, header=header_to_pb(snapshot.specs))
+            header = pb.ModelHeader(job_id=job.job_id, version=snapshot.version, header=header_to_pb(snapshot.specs), offset=offset)
         yield pb.PullResponse(model=header)
-        for data in snapshot.chunks():
+        for data in snapshot.chunks(start=offset):
             response = pb.PullResponse()
             response.chunk.data = data  # one copy; PullResponse(chunk=Chunk(data=...)) makes two
             yield response
@@ -171,27 +183,50 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                 energy_joules=message.energy_joules,
                 encoding=encoding,
             )
+            resuming = False
             try:
                 stored = job.admit(header)
                 if stored is not None:
                     return _ack(job.job_id, stored)
-                wire_specs = specs if encoding.is_raw else [TensorSpec("encoded", np.dtype("|u1"), (header.payload_bytes,))]
-                assembler = PayloadAssembler(wire_specs)
-                for request in request_iterator:
-                    if request.WhichOneof("kind") != "chunk":
-                        raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
-                    assembler.add(request.chunk.data)
-                    faults.point("push.receiving")
-                received = assembler.finish()
+                resuming = message.resume_offset > 0  # a refused resume is followed by the whole update
+                upload = self._uploads.attach(header, message.resume_offset)
+                resuming = False
+                try:
+                    for request in request_iterator:
+                        if request.WhichOneof("kind") != "chunk":
+                            raise InvalidUpdate("a push stream carries one `update` header, then only `chunk` messages")
+                        upload.add(request.chunk.data)
+                        faults.point("push.receiving")
+                except (MalformedPayload, InvalidUpdate, UploadSuperseded):
+                    upload.discard()  # bad data is never kept; a superseded stream owns nothing
+                    raise
+                except BaseException:
+                    upload.park()  # the stream broke (connection lost, a deadline): keep what arrived for a resume
+                    raise
+                received = upload.take()
                 delta = received if encoding.is_raw else decode_payload(specs, encoding, received["encoded"])
                 outcome = job.submit(Update(header, delta))
             except _REFUSALS as error:
-                if not isinstance(error, _RETRIED_REFUSALS):  # refused for good: the slot goes to another client
+                if not (resuming or isinstance(error, _RETRIED_REFUSALS)):  # refused for good: the slot goes to another client
                     job.release_slot(header.client_id, pushed=False)
                 raise
             faults.point("push.acking")
             return _ack(job.job_id, outcome)
         raise AssertionError("unreachable: _status_on_error aborts")  # pragma: no cover
+
+    def GetUploadOffset(self, request: pb.UploadOffsetRequest, context: grpc.ServicerContext) -> pb.UploadOffset:
+        with _status_on_error(context):
+            self._authorize(context, request.job_id, request.client_id)
+            job = self._core.job(request.job_id)
+            _check_id("client_id", request.client_id)
+            _check_id("idempotency_key", request.idempotency_key)
+            if not request.client_id or not request.idempotency_key:
+                raise InvalidUpdate("name the upload: client_id and idempotency_key must not be empty")
+            if job.acknowledged(request.client_id, request.idempotency_key):
+                return pb.UploadOffset(offset=0, accepted=True)
+            held = self._uploads.offset(job.job_id, request.client_id, request.idempotency_key, settle_s=OFFSET_SETTLE_S)
+            return pb.UploadOffset(offset=held)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatAck:
         with _status_on_error(context):
@@ -390,6 +425,18 @@ def _device(message: pb.DeviceState) -> DeviceReport:
 def _millis(seconds: float) -> int:
     """Seconds as uint32 milliseconds (capped, never negative)."""
     return min(max(0, math.ceil(seconds * 1000)), 2**32 - 1)
+def _resume_point(job: Job, request: pb.PullRequest) -> tuple[ModelSnapshot, int]:
+    """The snapshot and byte offset a resumed pull continues from."""
+    if request.min_version > 0:
+        raise InvalidUpdate("a resumed pull names its version (resume_version); drop min_version")
+    snapshot = job.snapshot_at(request.resume_version)
+    offset = request.resume_offset
+    if offset % CHUNK_BYTES or offset > snapshot.payload_bytes:
+        raise InvalidUpdate(
+            f"resume_offset {offset} must be a multiple of the {CHUNK_BYTES}-byte chunk size and at most the "
+            f"model's {snapshot.payload_bytes} bytes; resume after the last whole chunk received"
+        )
+    return snapshot, offset
 
 
 def _check_id(field: str, value: str) -> None:

@@ -18,6 +18,7 @@ from server.app import load_initial_models, running_server
 _JOB_FLAGS = (
     "job_id", "initial_model", "task", "strategy", "alpha", "buffer_size", "server_lr", "weight_by_samples",
     "normalizer", "clients_per_round", "staleness", "staleness_a", "staleness_b", "max_staleness", "max_update_bytes",
+    "keep_versions_for_resume",
     "secure_aggregation", "cohort_size", "min_survivors", "neighbours", "ring_bits", "clip_bound",
     "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
     "max_concurrent_trainers", "prefer_charging", "min_battery", "slot_lease_s",
@@ -27,7 +28,7 @@ _JOB_FLAGS = (
 _SERVER_FLAGS = tuple(sorted(SERVER_KEYS - {"insecure"}))  # --insecure goes with the TLS flags
 """Server-wide flags: they also apply with --config, overriding the file."""
 
-_FLAG_NAMES = {"job_id": "--job", "forming_timeout_s": "--forming-timeout", "phase_timeout_s": "--phase-timeout", "upload_timeout_s": "--upload-timeout", "slot_lease_s": "--slot-lease"}
+_FLAG_NAMES = {"job_id": "--job", "forming_timeout_s": "--forming-timeout", "phase_timeout_s": "--phase-timeout", "upload_timeout_s": "--upload-timeout", "slot_lease_s": "--slot-lease", "resume_expiry_s": "--resume-expiry"}
 
 
 def _flag(option: str) -> str:

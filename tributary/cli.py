@@ -31,6 +31,8 @@ def main() -> None:
 @click.option("--rate-burst", "rate_limit_burst", type=int, default=None, help="Requests a client may save up under --rate-limit.  [default: one second's worth]")
 @click.option("--stream-timeout", "stream_timeout_s", type=float, default=None, help="Seconds a push, pull or masked upload may stay open.  [default: 600]")
 @click.option("--stream-idle-timeout", "stream_idle_timeout_s", type=float, default=None, help="Seconds a stream may go without a message before it is cut off.  [default: 60]")
+@click.option("--resume-budget-bytes", type=int, default=None, help="Bytes of interrupted pushes kept for their clients to resume (oldest dropped first; 0: none).  [default: 1 GiB]")
+@click.option("--resume-expiry", "resume_expiry_s", type=float, default=None, help="Seconds an interrupted push is kept after its last byte.  [default: 600]")
 @click.option("--job", "job_id", default=None, help="Job id clients name.  [default: default]")
 @click.option("--initial-model", type=click.Path(dir_okay=False, path_type=Path), help="Initial model (.safetensors).")
 @click.option("--task", type=click.Choice(["digits"]), help="Start from a fresh model of this built-in task instead of --initial-model.")
@@ -47,6 +49,7 @@ def main() -> None:
 @click.option("--staleness-b", type=float, default=None, help="hinge: staleness up to which updates count fully.  [default: 4]")
 @click.option("--max-staleness", type=int, default=None, help="Reject updates more stale than this.  [default: no bound]")
 @click.option("--max-update-bytes", type=int, default=None, help="Largest update accepted.  [default: 2 GiB]")
+@click.option("--keep-versions-for-resume", type=int, default=None, help="Versions kept besides the current one for interrupted pulls to resume.  [default: 2]")
 @click.option("--secure-aggregation", is_flag=True, default=None, help="Aggregate in SecAgg+ cohorts: the server sees only sums (fedbuff only).")
 @click.option("--cohort-size", type=int, default=None, help="Secure aggregation: members per cohort.  [default: 8]")
 @click.option("--min-survivors", type=int, default=None, help="Secure aggregation: members that must finish for a cohort to count.  [default: 2/3 of the cohort]")
@@ -186,6 +189,7 @@ def certs(**options: object) -> None:
 @click.option("--dirichlet-alpha", type=float, default=0.5, help="Label skew of the client shards.")
 @click.option("--seed", type=int, default=0, help="Seed of data split, shards and initial model.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), help="Where to write the run's results.")
+@click.option("--keep-versions-for-resume", type=int, default=None, help="Versions kept besides the current one for interrupted pulls to resume.  [default: 2]")
 @click.option("--secure-aggregation", is_flag=True, default=False, help="Aggregate in SecAgg+ cohorts of --buffer-size clients.")
 def demo(**options: object) -> None:
     """Run a whole federation on this machine: a server, a fleet of clients of

@@ -97,6 +97,9 @@ def test_clients_started_before_the_server_connect_when_it_comes_up(tmp_path: Pa
         (["--task", "digits", "--state-dir", "s", "--keep-checkpoints", "-1"], "keep_checkpoints must be an integer >= 0, got -1"),
         (["--task", "digits", "--state-dir", "s", "--keep-log-entries", "10"], "keep_log_entries=10 is below the idempotency_window=100000 of job 'default'"),
         (["--task", "digits", "--grace-period", "-1"], "grace_period_s must be a number >= 0, got -1"),
+        (["--task", "digits", "--resume-budget-bytes", "-1"], "resume_budget_bytes must be an integer >= 0"),
+        (["--task", "digits", "--resume-expiry", "0"], "resume_expiry_s must be a positive number, got 0"),
+        (["--task", "digits", "--keep-versions-for-resume", "-1"], "keep_versions_for_resume must be an integer from 0 to 100"),
         (["--task", "digits", "--state-dir", "/dev/null"], "state directory /dev/null cannot be used"),
     ],
 )

@@ -261,10 +261,14 @@ def judge_pull(world: World, requests: list[pb.PullRequest], responses: Sequence
     assert header.job_id == requests[0].job_id
     specs = specs_from_pb(header.header)
     payload = b"".join(a.chunk.data for a in answers[1:])
-    assert len(payload) == sum(s.nbytes for s in specs) and all(len(a.chunk.data) <= CHUNK_BYTES for a in answers[1:])
+    assert header.offset == (requests[0].resume_offset if requests[0].resume else 0), header.offset
+    assert header.offset + len(payload) == sum(s.nbytes for s in specs) and all(len(a.chunk.data) <= CHUNK_BYTES for a in answers[1:])
     version, expected = world.expected_model(header.job_id)
-    assert header.version >= version if requests[0].min_version else header.version == version, (header.version, version)
-    if header.version == version:
+    if requests[0].resume:  # a resumed pull: the version asked for, kept by the server (a recent one)
+        assert header.version == requests[0].resume_version <= version, (header.version, version)
+    else:
+        assert header.version >= version if requests[0].min_version else header.version == version, (header.version, version)
+    if header.version == version and header.offset == 0:
         for name, values in split_payload(specs, payload).items():
             np.testing.assert_array_equal(values, expected[name])
 

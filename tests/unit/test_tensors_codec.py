@@ -289,3 +289,24 @@ def test_shapes_whose_size_overflows_are_refused(shape: list[int], payload_bytes
     header = header_of(pb.TensorSpec(name="w", dtype=pb.DTYPE_FLOAT32, shape=shape), payload_bytes=payload_bytes)
     with pytest.raises(MalformedPayload):
         specs_from_pb(header)
+
+
+def test_chunks_from_an_offset_are_the_tail_of_the_whole_stream() -> None:
+    arrays = [np.arange(1000, dtype=np.float32), np.ones(7, dtype=np.float64), np.zeros((0, 3), dtype=np.float32), np.arange(300, dtype=np.float32)]
+    whole = list(iter_chunks(arrays, 512))
+    for index in range(len(whole) + 1):
+        assert list(iter_chunks(arrays, 512, start=512 * index)) == whole[index:]
+    assert b"".join(iter_chunks(arrays, 512, start=4000)) == b"".join(whole)[4000:]
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        list(iter_chunks(arrays, 512, start=-1))
+
+
+def test_an_assembler_rewinds_to_resume() -> None:
+    specs = specs_of({"w": np.zeros(8, dtype=np.float32)})
+    assembler = PayloadAssembler(specs)
+    assembler.add(bytes(range(24)))
+    assembler.rewind(16)
+    assembler.add(bytes(range(16, 32)))
+    assert assembler.finish()["w"].tobytes() == bytes(range(32))
+    with pytest.raises(MalformedPayload, match="only 32 bytes"):
+        assembler.rewind(33)
