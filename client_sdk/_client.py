@@ -441,7 +441,6 @@ class Client:
             self._compressors[compression] = Compressor(compression)
         return self._compressors[compression]
 
-    def _pull_once(self, request: pb.PullRequest, timeout: float) -> PulledModel:
     def _upload_offset(self, key: str) -> int:
         """Where a retried push resumes: the bytes of upload `key` the server
         holds (0: none, or it was accepted already and any push with the key

@@ -19,8 +19,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client_sdk import Client, RetryPolicy
+from client_sdk import Client, DeviceState, RetryPolicy
 from proto import tributary_pb2 as pb
+from proto.compression import Encoding, encode_update
 from proto import tributary_pb2_grpc as pb_grpc
 from proto.tensors import CHUNK_BYTES, header_to_pb, iter_chunks, specs_of
 from server import JobConfig, StrategyConfig
@@ -355,3 +356,42 @@ def test_bad_resumed_pulls_are_refused(stub_for) -> None:  # type: ignore[no-unt
     answers = pull(resume_version=1, resume_offset=6 * MIB)()
     assert answers[0].model.version == 1 and answers[0].model.offset == 6 * MIB
     assert sum(len(a.chunk.data) for a in answers[1:]) == MODEL_BYTES - 6 * MIB
+
+
+def test_a_compressed_push_under_a_training_slot_resumes_and_keeps_its_slot(serve) -> None:  # type: ignore[no-untyped-def]
+    """The offsets of a compressed push count its encoded bytes, and a push cut
+    off mid-stream keeps the client's training slot for the resume."""
+    config = JobConfig(
+        strategy=StrategyConfig(name="fedbuff", buffer_size=1),
+        staleness=StalenessConfig(kind="constant"),
+        max_concurrent_trainers=1,
+    )
+    running = serve(config, models={"default": MODEL})
+    job = running.core.job("default")
+    encoding = Encoding(quantize_bits=8)
+    encoded = encode_update(DELTA, encoding, np.random.default_rng(7))
+    payload = b"".join(bytes(tensor.data) for tensor in encoded.values())
+    chunks = list(iter_chunks([np.frombuffer(payload, np.uint8)]))
+    assert len(chunks) >= 4  # 8 bits a value: a quarter of DELTA's bytes, still several chunks
+
+    def header(resume_offset: int = 0) -> pb.UpdateHeader:
+        message = _header(resume_offset=resume_offset)
+        message.header.payload_bytes = len(payload)
+        message.encoding.CopyFrom(encoding.to_pb())
+        return message
+
+    with grpc.insecure_channel(running.address) as channel, Client(running.address, client_id="c1", insecure=True) as client:
+        stub = pb_grpc.TributaryStub(channel)
+        assert client.acquire_training_slot(DeviceState(battery_level=None, charging=True, idle=True, unmetered=True)).granted
+        hold = threading.Event()
+        cut = stub.Push.future(_stream(header(), chunks, hold, after=2), timeout=60)
+        _wait_until(lambda: _offset(stub).offset == 2 * MIB)
+        cut.cancel()
+        hold.set()
+        _wait_until(lambda: running.uploads is not None and running.uploads.stats().active == 0)
+        assert job.slots is not None and job.slots.active == 1  # the cut push still holds its slot
+        ack = stub.Push(_stream(header(resume_offset=2 * MIB), chunks[2:]), timeout=30)
+    assert not ack.duplicate and ack.version_after == 1
+    assert job.slots.active == 0  # released by the accepted push
+    for name, tensor in encoded.items():
+        np.testing.assert_array_equal(job.snapshot().tensors[name], MODEL[name] + tensor.decoded)
