@@ -10,11 +10,12 @@ against a real Tributary server over gRPC.
 from edge.simulate.backends import BACKENDS, Backend, LocalBackend, RayBackend, make_backend
 from edge.simulate.config import Experiment, SimulationConfigError
 from edge.simulate.runner import Point, SimulationResult, initial_model, simulate
-from edge.simulate.worker import GroupReport, GroupSpec, run_device_group
+from edge.simulate.worker import DeviceGroup, GroupReport, GroupSpec, run_device_group
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "DeviceGroup",
     "Experiment",
     "GroupReport",
     "GroupSpec",

@@ -171,8 +171,6 @@ class RunConfig:
     """Worker processes (local backend) or Ray actors the devices are spread over."""
     max_in_flight: int = 16
     """Pulls, trainings and pushes each worker runs at once (the rest queue)."""
-    startup_s: float = 8.0
-    """Real seconds the workers get to start before the emulated clock does."""
     eval_interval_s: float = 0.05
     """Fewest real seconds between two evaluations of the global model."""
 
@@ -180,7 +178,6 @@ class RunConfig:
         for key in ("duration_s", "time_scale", "eval_interval_s"):
             value = getattr(self, key)
             _require(_is_number(value) and value > 0, f"[run] {key}", value, "a positive number")
-        _require(_is_number(self.startup_s) and self.startup_s >= 0, "[run] startup_s", self.startup_s, "a number >= 0")
         if self.target_accuracy is not None:
             _require(_is_number(self.target_accuracy) and 0 < self.target_accuracy <= 1, "[run] target_accuracy", self.target_accuracy, "in (0, 1]")
         for key in ("processes", "max_in_flight"):

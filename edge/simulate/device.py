@@ -141,26 +141,25 @@ class DeviceEmulator:
         shard: Shard,
         experiment: Experiment,
         client: Client,
-        clock: EmulatedClock,
+        stop: threading.Event,
         gate: threading.Semaphore,
         names: list[str],
         model_bytes: int,
         num_classes: int,
         synchronous: bool,
         secure: bool,
-        versions: VersionWatch | None,
     ) -> None:
         self.profile = profile
         self.shard = shard
         self.experiment = experiment
         self.client = client
-        self.clock = clock
+        self.clock = EmulatedClock(time.time(), 1.0, 0.0, stop)  # replaced by start()
         self.gate = gate
         self.names = names
         self.model_bytes = model_bytes
         self.synchronous = synchronous
         self.secure = secure
-        self.versions = versions
+        self.versions: VersionWatch | None = None
         # one generator per device and process: the schedule is the seed's, whichever worker runs it
         seed = experiment.seed
         self.rng = np.random.default_rng([seed, index, 1])
@@ -172,6 +171,11 @@ class DeviceEmulator:
         self._x = torch.from_numpy(shard.x)
         self._y = torch.from_numpy(shard.y)
         self._generator = torch.Generator().manual_seed(int(self.rng.integers(2**31)))
+
+    def start(self, clock: EmulatedClock, versions: VersionWatch | None) -> None:
+        """The run's clock, and (synchronous jobs) the worker's version watch."""
+        self.clock = clock
+        self.versions = versions
 
     # -- battery -----------------------------------------------------------------------
 
@@ -277,13 +281,14 @@ class DeviceEmulator:
         load_into(self.model, tensors)
         self.model.train()
         optimizer = torch.optim.SGD(self.model.parameters(), lr=training.lr, momentum=training.momentum)
-        loss_fn = torch.nn.functional.cross_entropy
+        loss_fn = torch.nn.CrossEntropyLoss()
         for _ in range(training.epochs):
             order = torch.randperm(len(self._y), generator=self._generator)
             for start in range(0, len(order), training.batch_size):
                 batch = order[start : start + training.batch_size]
                 optimizer.zero_grad()
-                loss_fn(self.model(self._x[batch]), self._y[batch]).backward()
+                loss = loss_fn(self.model(self._x[batch]), self._y[batch])
+                loss.backward()
                 optimizer.step()
         trained = model_arrays(self.model, self.names)
         return {name: trained[name] - tensors[name] for name in self.names}, len(self._y) * training.epochs

@@ -93,20 +93,16 @@ class SimulationResult:
             "device_errors": sum(d["errors"] for d in devices),
             "energy_j": round(sum(d["energy_j"] for d in devices), 1),
             "mean_staleness": float(np.mean(staleness)) if staleness else None,
-            "groups_late_s": max((g.ready_lag_s for g in self.groups), default=0.0),
             "unfinished_devices": sum(g.unfinished for g in self.groups),
             "server": self.server_stats,
         }
 
 
-def plan_groups(experiment: Experiment, address: str, job_id: str, start_wall: float) -> list[GroupSpec]:
+def plan_groups(experiment: Experiment, address: str, job_id: str) -> list[GroupSpec]:
     """Devices dealt round-robin over `run.processes` groups (so each group
     gets its share of slow and fast devices)."""
     count = min(experiment.run.processes, experiment.devices)
-    return [
-        GroupSpec(experiment, address, job_id, tuple(range(g, experiment.devices, count)), start_wall, group=g)
-        for g in range(count)
-    ]
+    return [GroupSpec(experiment, address, job_id, tuple(range(g, experiment.devices, count)), group=g) for g in range(count)]
 
 
 def simulate(experiment: Experiment, address: str, job_id: str, backend: Backend, watch: VersionWatch) -> SimulationResult:
@@ -114,36 +110,46 @@ def simulate(experiment: Experiment, address: str, job_id: str, backend: Backend
     data = experiment_data(experiment)
     model = build_model(experiment.model.kind, data.num_features, data.num_classes, hidden=experiment.model.hidden)
     run = experiment.run
-    start_wall = time.time() + run.startup_s
     history: list[Point] = []
+    started = threading.Event()
     done = threading.Event()
+    clock_start = [0.0]
+
+    def on_start(start_wall: float) -> None:
+        clock_start[0] = start_wall
+        started.set()
 
     def accuracy_of(tensors: Mapping[str, np.ndarray]) -> float:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
         return evaluate(model, data.x_test, data.y_test)
 
     def evaluator() -> None:
-        seen = -1
+        while not started.wait(0.5):
+            if done.is_set():
+                return
+        start_wall = clock_start[0]
+        version, tensors = watch(0, 0.0)
+        history.append(Point(0.0, 0.0, version, accuracy_of(tensors)))
+        seen = version
         while not done.is_set():
             version, tensors = watch(seen + 1, 0.5)
             if version <= seen:
                 continue
-            now = time.time()
-            if now < start_wall:  # the fleet has not started: nothing to see yet
-                version = min(version, 0)
-            history.append(Point(max(0.0, (now - start_wall) / run.time_scale), max(0.0, now - start_wall), version, accuracy_of(tensors)))
+            real = max(0.0, time.time() - start_wall)
+            history.append(Point(real / run.time_scale, real, version, accuracy_of(tensors)))
             seen = version
             done.wait(run.eval_interval_s)
 
     thread = threading.Thread(target=evaluator, name="simulate-evaluator", daemon=True)
     thread.start()
     try:
-        groups = backend.run_groups(plan_groups(experiment, address, job_id, start_wall))
+        groups = backend.run_groups(plan_groups(experiment, address, job_id), on_start)
     finally:
         done.set()
         thread.join()
     version, tensors = watch(0, 0.0)
     final = accuracy_of(tensors)
-    elapsed = min(time.time() - start_wall, run.real_duration_s)
-    history.append(Point(elapsed / run.time_scale, elapsed, version, final))
-    return SimulationResult(experiment, backend.name, history, groups, time.time() - start_wall, version, final)
+    real = time.time() - clock_start[0]
+    end = min(real, run.real_duration_s)
+    history.append(Point(end / run.time_scale, end, version, final))
+    return SimulationResult(experiment, backend.name, history, groups, real, version, final)

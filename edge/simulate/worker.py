@@ -2,14 +2,15 @@
 Ray actor): one gRPC channel shared by all of them, one thread per device
 (they sleep most of the time), a gate bounding the real work at once.
 
-`run_device_group(spec)` is what every backend runs; it is a plain function
-of picklable data, so a backend only has to ship a `GroupSpec` somewhere and
-bring a `GroupReport` back.
+`DeviceGroup` is what every backend runs; it is built from picklable data
+(a `GroupSpec`) and returns picklable data (a `GroupReport`), so a backend
+only ships a spec somewhere, says when to start, and brings the report back.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,8 +45,6 @@ class GroupSpec:
     address: str
     job_id: str
     devices: tuple[int, ...]
-    start_wall: float
-    """time.time() at which the emulated clock starts (the same in every group)."""
     group: int = 0
 
 
@@ -53,75 +52,77 @@ class GroupSpec:
 class GroupReport:
     group: int
     devices: list[dict[str, Any]] = field(default_factory=list)
-    ready_lag_s: float = 0.0
-    """How late (real seconds) this group was ready after the clock started; <= 0 is on time."""
     unfinished: int = 0
     """Device threads still in a call when the group gave up waiting for them."""
 
 
-def run_device_group(spec: GroupSpec) -> GroupReport:
-    """Emulate `spec.devices` until the run's end; their reports."""
-    import torch
+class DeviceGroup:
+    """Two phases, so that every group's clock starts together however long
+    its process took to start: `DeviceGroup(spec)` builds the partition, the
+    fleet and a client per device (seconds, in a fresh process); `run(start_wall)`
+    emulates the devices from `start_wall` (a time.time()) to the run's end."""
 
-    from client_sdk import Client, RetryPolicy
-    from edge.simulate.device import DeviceEmulator, EmulatedClock, VersionWatch
+    def __init__(self, spec: GroupSpec) -> None:
+        import torch
 
-    torch.set_num_threads(1)  # many devices share a core or two: no intra-op threads
-    experiment = spec.experiment
-    data = experiment_data(experiment)
-    fleet = experiment_fleet(experiment)
-    stop = threading.Event()
-    clock = EmulatedClock(spec.start_wall, experiment.run.time_scale, experiment.run.duration_s, stop)
-    channel = grpc.insecure_channel(spec.address, options=[("grpc.max_receive_message_length", 64 << 20)])
-    retry = RetryPolicy(max_attempts=20, initial_backoff_s=0.1, max_backoff_s=5.0)
-    try:
-        probe = Client(spec.address, spec.job_id, channel=channel, client_id=f"sim-watch-{spec.group}", retry=retry)
-        job = probe.job_info()
-        names = [s.name for s in job.specs]
-        model_bytes = sum(4 * int(_prod(s.shape)) for s in job.specs)
+        from client_sdk import Client, RetryPolicy
+        from edge.simulate.device import DeviceEmulator
+
+        torch.set_num_threads(1)  # many devices share a core or two: no intra-op threads
+        self.spec = spec
+        experiment = spec.experiment
+        data = experiment_data(experiment)
+        fleet = experiment_fleet(experiment)
+        self.stop = threading.Event()
+        self.channel = grpc.insecure_channel(spec.address)
+        retry = RetryPolicy(max_attempts=20, initial_backoff_s=0.1, max_backoff_s=5.0)
+        self.probe = Client(spec.address, spec.job_id, channel=self.channel, client_id=f"sim-watch-{spec.group}", retry=retry)
+        self.job = self.probe.job_info()
+        names = [s.name for s in self.job.specs]
+        model_bytes = sum(4 * math.prod(s.shape) for s in self.job.specs)
         gate = threading.Semaphore(experiment.run.max_in_flight)
-        emulators = [
+        self.emulators = [
             DeviceEmulator(
                 index=i,
                 profile=fleet.profiles[i],
                 shard=data.shards[i],
                 experiment=experiment,
-                client=Client(spec.address, spec.job_id, channel=channel, client_id=f"device-{i}", retry=retry),
-                clock=clock,
+                client=Client(spec.address, spec.job_id, channel=self.channel, client_id=f"device-{i}", retry=retry),
+                stop=self.stop,
                 gate=gate,
                 names=names,
                 model_bytes=model_bytes,
                 num_classes=data.num_classes,
-                synchronous=job.synchronous,
-                secure=job.secure_aggregation,
-                versions=None,
+                synchronous=self.job.synchronous,
+                secure=self.job.secure_aggregation,
             )
             for i in spec.devices
         ]
-        ready_lag = time.time() - spec.start_wall
-        if ready_lag > 0:
-            logger.warning("device group %d was ready %.1fs after the clock started (raise [run] startup_s)", spec.group, ready_lag)
-        else:
-            time.sleep(-ready_lag)
-        watch = VersionWatch(probe, clock) if job.synchronous else None
-        for emulator in emulators:
-            emulator.versions = watch
-        threads = [threading.Thread(target=e.run, name=f"device-{e.report.index}", daemon=True) for e in emulators]
-        for thread in threads:
-            thread.start()
-        deadline = spec.start_wall + experiment.run.real_duration_s + JOIN_GRACE_S
-        for thread in threads:
-            thread.join(timeout=max(0.0, deadline - time.time()))
-        stop.set()
-        unfinished = sum(t.is_alive() for t in threads)
-        return GroupReport(spec.group, [e.report.to_dict() for e in emulators], ready_lag, unfinished)
-    finally:
-        stop.set()
-        channel.close()
+
+    def run(self, start_wall: float) -> GroupReport:
+        from edge.simulate.device import EmulatedClock, VersionWatch
+
+        run = self.spec.experiment.run
+        clock = EmulatedClock(start_wall, run.time_scale, run.duration_s, self.stop)
+        try:
+            time.sleep(max(0.0, start_wall - time.time()))
+            watch = VersionWatch(self.probe, clock) if self.job.synchronous else None
+            for emulator in self.emulators:
+                emulator.start(clock, watch)
+            threads = [threading.Thread(target=e.run, name=f"device-{e.report.index}", daemon=True) for e in self.emulators]
+            for thread in threads:
+                thread.start()
+            deadline = start_wall + run.real_duration_s + JOIN_GRACE_S
+            for thread in threads:
+                thread.join(timeout=max(0.0, deadline - time.time()))
+            self.stop.set()
+            unfinished = sum(t.is_alive() for t in threads)
+            return GroupReport(self.spec.group, [e.report.to_dict() for e in self.emulators], unfinished)
+        finally:
+            self.stop.set()
+            self.channel.close()
 
 
-def _prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for n in shape:
-        out *= n
-    return out
+def run_device_group(spec: GroupSpec, start_wall: float) -> GroupReport:
+    """Both phases at once (when the caller has no need to line groups up)."""
+    return DeviceGroup(spec).run(start_wall)
