@@ -92,7 +92,8 @@ class VersionWatch:
             try:
                 version = self._client.pull(min_version=self._version + 1, wait_s=wait).version
             except TributaryError as error:
-                logger.warning("version watch: %s", error)
+                if not self._clock.over():
+                    logger.warning("version watch: %s", error)
                 self._clock.stop.wait(ERROR_BACKOFF_S)
                 continue
             with self._changed:
@@ -100,6 +101,11 @@ class VersionWatch:
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
+
+    @property
+    def version(self) -> int:
+        """The newest version seen."""
+        return self._version
 
     def wait_beyond(self, version: int) -> bool:
         """Block until a version > `version` is published; False if the run ended."""
@@ -218,10 +224,11 @@ class DeviceEmulator:
         last_pushed_base = -1
         while self._wait_until_eligible():
             try:
-                if self.synchronous and self.versions is not None and self.client.last_pulled_version <= last_pushed_base:
+                if self.synchronous and self.versions is not None and self.versions.version <= last_pushed_base:
+                    # this round is pushed (or closed): train again on the next one
                     if not self.versions.wait_beyond(last_pushed_base):
                         break
-                    continue  # the round may have changed our state: check eligibility again
+                    continue  # time passed: check availability and eligibility again
                 pushed_base = self._one_round()
                 if pushed_base is not None:
                     last_pushed_base = pushed_base
