@@ -28,6 +28,7 @@ bench: $(BIN)/tributary
 	$(BIN)/python -m bench.secagg
 	$(BIN)/python -m bench.durability
 	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.time_to_accuracy
 
 protos: $(BIN)/tributary
 	$(BIN)/python scripts/gen_protos.py

@@ -1,6 +1,8 @@
 """Running on and emulating edge devices.
 
-For now: the built-in tasks (`edge.tasks`) that `tributary client` and
-`tributary demo` train. Device profiles, eligibility, compression and the
-fleet emulator come later; this package builds on `client_sdk` only.
+`edge.tasks`: the built-in task (digits, CNN) that `tributary client` and
+`tributary demo` train. `edge.profiles`: device profiles and fleets.
+`edge.datasets`: federated data sets (digits with Dirichlet label skew,
+FedProx's Synthetic) and small models. `edge.simulate`: the fleet emulator
+behind `tributary simulate`. This package builds on `client_sdk` only.
 """
