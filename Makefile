@@ -29,6 +29,7 @@ bench: $(BIN)/tributary
 	$(BIN)/python -m bench.durability
 	$(BIN)/python -m bench.load
 	$(BIN)/python -m bench.compression
+	$(BIN)/python -m bench.time_to_accuracy
 
 protos: $(BIN)/tributary
 	$(BIN)/python scripts/gen_protos.py

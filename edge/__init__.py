@@ -1,7 +1,10 @@
 """Running on and emulating edge devices.
 
-The built-in tasks (`edge.tasks`) that `tributary client` and `tributary demo`
-train; energy estimates per update (`edge.energy`); the host's own device
-state (`edge.device_state`, with psutil). Device profiles, compression and the
-fleet emulator come later; this package builds on `client_sdk` only.
+`edge.tasks`: the built-in task (digits, CNN) that `tributary client` and
+`tributary demo` train. `edge.profiles`: device profiles and fleets.
+`edge.datasets`: federated data sets (digits with Dirichlet label skew,
+FedProx's Synthetic) and small models. `edge.simulate`: the fleet emulator
+behind `tributary simulate`. `edge.energy`: energy estimates per update.
+`edge.device_state`: the host's own device state (psutil). This package
+builds on `client_sdk` only.
 """

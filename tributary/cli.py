@@ -199,5 +199,19 @@ def demo(**options: object) -> None:
     run_demo(options)
 
 
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG.toml", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", help="Run the devices in local worker processes or as Ray actors.")
+@click.option("--devices", type=int, default=None, help="Number of emulated devices.  [default: the config's]")
+@click.option("--seed", type=int, default=None, help="Seed of partition, fleet, schedules and model.  [default: the config's]")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), help="Where to write the run's results.")
+def simulate(**options: object) -> None:
+    """Run an experiment described by CONFIG.toml: a fleet of emulated devices
+    (speeds, availability, battery, dropouts) against a real server on loopback."""
+    from tributary._simulate_cmd import run_simulate
+
+    run_simulate(options)
+
 if __name__ == "__main__":
     main()
