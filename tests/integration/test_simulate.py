@@ -100,7 +100,6 @@ def test_a_thousand_devices_share_two_processes() -> None:
 
 
 def test_ray_backend_on_a_local_instance() -> None:
-    pytest.importorskip("ray")
     result = run_experiment(experiment(run={"duration_s": 300, "time_scale": 0.01}), RayBackend(num_cpus=2))
     assert result.backend == "ray"
     check_consistent(result)
