@@ -22,7 +22,7 @@ _JOB_FLAGS = (
     "secure_aggregation", "cohort_size", "min_survivors", "neighbours", "ring_bits", "clip_bound",
     "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
     "max_concurrent_trainers", "prefer_charging", "min_battery", "slot_lease_s",
-    "forming_timeout_s", "phase_timeout_s", "upload_timeout_s", "quantize_bits", "value_bound", "accept_compression",
+    "quantize_bits", "value_bound", "accept_compression",
 )
 
 _SERVER_FLAGS = tuple(sorted(SERVER_KEYS - {"insecure"}))  # --insecure goes with the TLS flags

@@ -10,11 +10,12 @@ share the server's process, so they reach it only over gRPC, as real ones do.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,26 @@ def server_config(experiment: Experiment) -> Any:
     return ServerConfig(address="127.0.0.1:0", jobs=(job,), insecure=True, max_workers=workers, max_concurrent_streams=workers - 16)
 
 
+@contextlib.contextmanager
+def _server_log_quiet() -> Iterator[None]:
+    """Only the server's errors while a simulation runs (plaintext on loopback
+    is the point here), and its level as it was afterwards: a program or test
+    that runs a simulation and then a server still hears that server."""
+    server_logger = logging.getLogger("tributary.server")
+    level = server_logger.level
+    server_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        server_logger.setLevel(level)
+
+
 def run_experiment(experiment: Experiment, backend: Backend) -> SimulationResult:
     """Start the server, run the fleet to the end, stop the server."""
     from server.app import running_server
 
     config = server_config(experiment)
-    logging.getLogger("tributary.server").setLevel(logging.ERROR)  # plaintext on loopback is the point here
-    with running_server(config, {JOB_ID: initial_model(experiment)}, grace_s=1.0) as running:
+    with _server_log_quiet(), running_server(config, {JOB_ID: initial_model(experiment)}, grace_s=1.0) as running:
         job = running.core.job(JOB_ID)
 
         def watch(min_version: int, timeout_s: float) -> tuple[int, Mapping[str, np.ndarray]]:
