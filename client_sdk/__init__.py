@@ -20,6 +20,11 @@ Devices: `fit(..., device_state=read_state, policy=EligibilityPolicy(require_cha
 trains only while the policy allows, and asks the server for a training slot
 where the job has them.
 
+One update through a secure-aggregation cohort, for apps with their own loop::
+
+    cohort = SecureRound(client); cohort.start()      # joins a cohort while the app trains
+    cohort.submit(model.version, flat_delta, n, energy_joules=e)   # CohortReceipt
+
 Operators administer a server run with --auth through `AdminClient`
 (enrol and revoke clients, status).
 
@@ -44,6 +49,7 @@ from client_sdk._errors import (
     TributaryError,
     UpdateRejected,
 )
+from client_sdk._secure import CohortReceipt, SecureRound
 from client_sdk._tls import ClientTLS
 from client_sdk._training import EnergyEstimate, FitSummary, TrainFn, fit, load_into, model_arrays, pick_device
 
@@ -53,6 +59,7 @@ __all__ = [
     "ClientState",
     "ClientTLS",
     "CohortAborted",
+    "CohortReceipt",
     "Compression",
     "DeviceState",
     "Eligibility",
@@ -76,6 +83,7 @@ __all__ = [
     "PulledModel",
     "PushResult",
     "RetryPolicy",
+    "SecureRound",
     "ServerUnavailable",
     "SlotGrant",
     "TLSError",

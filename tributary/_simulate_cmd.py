@@ -63,6 +63,7 @@ def _server_log_quiet() -> Iterator[None]:
 def run_experiment(experiment: Experiment, backend: Backend) -> SimulationResult:
     """Start the server, run the fleet to the end, stop the server."""
     from server.app import running_server
+    from server.core import VERSION_LOG_LENGTH
 
     config = server_config(experiment)
     with _server_log_quiet(), running_server(config, {JOB_ID: initial_model(experiment)}, grace_s=1.0) as running:
@@ -79,7 +80,11 @@ def run_experiment(experiment: Experiment, backend: Backend) -> SimulationResult
             "rejected": dict(stats.rejected),
             "cohorts_applied": stats.cohorts_applied,
             "cohorts_aborted": sum(stats.cohorts_aborted.values()),
+            "energy_joules_total": job.energy_joules_total,
+            "slots_expired": job.slots.expired if job.slots is not None else None,
         }
+        # the newest VERSION_LOG_LENGTH versions (the server keeps no more in memory); version 0 has none
+        result.version_energy = [(v, joules) for v, _, joules in reversed(job.version_history(VERSION_LOG_LENGTH)) if v > 0]
     return result
 
 
@@ -87,7 +92,16 @@ def write_results(result: SimulationResult, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
     (run_dir / "results.json").write_text(
-        json.dumps({"summary": summary, "experiment": result.experiment.to_mapping(), "history": [p.__dict__ for p in result.history]}, indent=2, default=str)
+        json.dumps(
+            {
+                "summary": summary,
+                "experiment": result.experiment.to_mapping(),
+                "history": [p.__dict__ for p in result.history],
+                "energy_per_version": [{"version": v, "energy_j": joules} for v, joules in result.version_energy],
+            },
+            indent=2,
+            default=str,
+        )
     )
     with open(run_dir / "history.csv", "w", newline="") as out:
         writer = csv.writer(out)
@@ -135,7 +149,8 @@ def run_simulate(options: dict[str, Any]) -> None:
     summary = result.summary()
     table = Table(title=f"tributary simulate: {experiment.name}", show_header=False)
     for key in ("strategy", "devices_emulated", "devices_that_pushed", "final_version", "updates_accepted", "updates_refused",
-                "dropouts", "went_offline", "device_errors", "mean_staleness", "energy_j"):  # fmt: skip
+                "dropouts", "went_offline", "device_errors", "slot_refusals", "mean_staleness", "energy_j",
+                "energy_reported_j", "energy_per_version_j"):  # fmt: skip
         table.add_row(key.replace("_", " "), str(summary[key]))
     table.add_row("final test accuracy", f"{summary['final_accuracy']:.2%} (best {summary['best_accuracy']:.2%})")
     if summary["target_accuracy"] is not None:

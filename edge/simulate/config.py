@@ -148,15 +148,22 @@ class FleetConfig:
 
 @dataclass(frozen=True)
 class EligibilityConfig:
-    """When a device may start a round (the SDK's eligibility rules)."""
+    """When a device may start a round: the fields of the SDK's
+    `EligibilityPolicy`, which each emulated device checks."""
 
     min_battery: float = 0.0
     """Not below this battery level, unless charging."""
     require_charging: bool = False
+    require_idle: bool = False
+    """Emulated devices are always idle: this never refuses one."""
+    require_unmetered: bool = False
+    """Emulated devices are always on an unmetered network: this never refuses one."""
 
     def __post_init__(self) -> None:
         _require(_is_number(self.min_battery) and 0 <= self.min_battery <= 1, "[eligibility] min_battery", self.min_battery, "in [0, 1]")
-        _require(isinstance(self.require_charging, bool), "[eligibility] require_charging", self.require_charging, "true or false")
+        for key in ("require_charging", "require_idle", "require_unmetered"):
+            value = getattr(self, key)
+            _require(isinstance(value, bool), f"[eligibility] {key}", value, "true or false")
 
 
 @dataclass(frozen=True)

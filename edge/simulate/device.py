@@ -2,18 +2,33 @@
 availability, battery and dropouts, and real training on its shard.
 
 A round, on the emulated clock:
-  1. wait until online and eligible (battery above the minimum, or charging;
-     charging when the rules require it);
-  2. pull the model (for real) and spend the download time;
+  1. wait until online and eligible: the SDK's `EligibilityPolicy` (the
+     experiment's [eligibility] table) checks the device's `DeviceState`
+     (battery, charging; emulated devices are always idle and unmetered),
+     and an empty battery stops a device that is not charging;
+  2. on jobs with training slots, ask for one (refused: a synchronous job's
+     device waits for the next round, an asynchronous one for retry_after_s);
+     pull the model (for real) and spend the download time; a slot holder
+     sends TRAINING heartbeats while it works, so its lease never lapses;
   3. train for real on the shard (cheap), then spend the emulated compute
      time (samples x epochs x seconds_per_sample);
   4. abandon the round on a dropout (drawn per round from the device's own
-     generator) or when the device goes offline before it is done;
-  5. spend the upload time and push (for real; under secure aggregation,
-     through a cohort joined at the start of the round);
+     generator) or when the device goes offline before it is done; a slot it
+     held is kept by the server until its lease lapses (the device is gone:
+     no heartbeats), which is what holds a synchronous round up, and the
+     device stays away that long;
+  5. spend the upload time and push with the update's energy estimate (for
+     real; under secure aggregation, through a cohort joined at the start of
+     the round);
   6. synchronous jobs: wait for the next round's model.
 Real work (pull, train, push) goes through the worker's gate, a semaphore
 that bounds how much of it runs at once in one process.
+
+Energy of a round (`edge.energy`): the profile's `power_w` x the emulated
+compute time, plus the radio cost of pulling and pushing the model over
+Wi-Fi (`WIFI_2009`: emulated devices are on unmetered networks). A finished
+round reports it with its push; an abandoned one spends what it used (the
+download, the compute until it stopped) from the battery and reports nothing.
 """
 
 from __future__ import annotations
@@ -30,20 +45,28 @@ import torch
 
 from client_sdk import (
     Client,
+    ClientState,
     CohortAborted,
+    DeviceState,
+    EligibilityPolicy,
+    Ineligible,
     NotAcceptedNow,
+    SecureRound,
+    SlotGrant,
     TributaryError,
     load_into,
     model_arrays,
 )
-from client_sdk._secure import SecureRound
 from edge.datasets import Shard, build_model
+from edge.energy import WIFI_2009, estimate_update_energy
 from edge.profiles import DeviceProfile, Timeline
 from edge.simulate.config import Experiment
 
 logger = logging.getLogger("tributary.simulate")
 ERROR_BACKOFF_S = 0.5
 """Real seconds a device waits after an unexpected error before its next round."""
+INELIGIBLE_POLL_S = 60.0
+"""Emulated seconds between two looks at a policy that refuses a charging device."""
 
 
 class EmulatedClock:
@@ -107,14 +130,19 @@ class VersionWatch:
         """The newest version seen."""
         return self._version
 
-    def wait_beyond(self, version: int) -> bool:
-        """Block until a version > `version` is published; False if the run ended."""
+    def wait_beyond(self, version: int, timeout_s: float | None = None) -> bool:
+        """Block until a version > `version` is published, or `timeout_s` real
+        seconds pass; False if the run ended."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._changed:
             while self._version <= version:
                 if self._clock.over():
                     return False
-                self._changed.wait(timeout=0.5)
-        return True
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                self._changed.wait(timeout=left)
+        return not self._clock.over()
 
 
 @dataclass
@@ -130,10 +158,18 @@ class DeviceReport:
     waited_offline_s: float = 0.0
     waited_battery_s: float = 0.0
     errors: int = 0
+    slot_refusals: int = 0
+    """Training slots asked for and refused (a full round, or all slots busy)."""
+    ineligible: str = ""
+    """Why the eligibility policy last refused the device ("" if it never did)."""
     energy_j: float = 0.0
-    """Energy spent training (power_w x emulated compute seconds)."""
+    """Energy spent: compute (power_w x emulated compute seconds) and radio, lost rounds included."""
+    energy_reported_j: float = 0.0
+    """Energy reported with the updates the server accepted."""
     battery_level: float = 1.0
     staleness: list[int] = field(default_factory=list)
+    accepted: list[tuple[int, float]] = field(default_factory=list)
+    """(base version, energy reported) of each accepted update."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +190,8 @@ class DeviceEmulator:
         num_classes: int,
         synchronous: bool,
         secure: bool,
+        slots: bool = False,
+        profile_name: str = "",
     ) -> None:
         self.profile = profile
         self.shard = shard
@@ -165,6 +203,15 @@ class DeviceEmulator:
         self.model_bytes = model_bytes
         self.synchronous = synchronous
         self.secure = secure
+        self.slots = slots
+        """The job has training slots: ask for one before every round."""
+        self.profile_name = profile_name
+        self.policy = EligibilityPolicy(
+            require_charging=experiment.eligibility.require_charging,
+            require_idle=experiment.eligibility.require_idle,
+            require_unmetered=experiment.eligibility.require_unmetered,
+            min_battery=experiment.eligibility.min_battery,
+        )
         self.versions: VersionWatch | None = None
         # one generator per device and process: the schedule is the seed's, whichever worker runs it
         seed = experiment.seed
@@ -195,8 +242,14 @@ class DeviceEmulator:
         self._battery_at = max(self._battery_at, t)
         return report.battery_level
 
+    def state(self, t: float) -> DeviceState:
+        """The device's state at t, as its SDK would report it (emulated devices
+        are always idle and on an unmetered network)."""
+        return DeviceState(
+            battery_level=self._battery(t), charging=self.charging.is_on(t), idle=True, unmetered=True, profile=self.profile_name
+        )
+
     def _wait_until_eligible(self) -> bool:
-        rules = self.experiment.eligibility
         while not self.clock.over():
             t = self.clock.now()
             if not self.online.is_on(t):
@@ -205,17 +258,19 @@ class DeviceEmulator:
                 if not self.clock.sleep_until(resume):
                     return False
                 continue
-            charging = self.charging.is_on(t)
-            low = self._battery(t) < rules.min_battery or self.report.battery_level <= 0
-            if (rules.require_charging or low) and not charging:
-                resume = self.charging.next_on(t)
-                if math.isinf(resume):
-                    return False  # never charges again: this device is out of the run
-                self.report.waited_battery_s += min(resume, self.clock.duration_s) - t
-                if not self.clock.sleep_until(resume):
-                    return False
-                continue
-            return True
+            state = self.state(t)
+            verdict = self.policy.check(state)
+            empty = not state.charging and self.report.battery_level <= 0
+            if verdict and not empty:
+                return True
+            self.report.ineligible = verdict.reason if isinstance(verdict, Ineligible) else "battery empty"
+            # charging is what can change the answer (battery, require_charging)
+            resume = self.charging.next_on(t) if not state.charging else t + INELIGIBLE_POLL_S
+            if math.isinf(resume):
+                return False  # never charges again: this device is out of the run
+            self.report.waited_battery_s += min(resume, self.clock.duration_s) - t
+            if not self.clock.sleep_until(resume):
+                return False
         return False
 
     # -- the loop ---------------------------------------------------------------------
@@ -229,7 +284,11 @@ class DeviceEmulator:
                     if not self.versions.wait_beyond(last_pushed_base):
                         break
                     continue  # time passed: check availability and eligibility again
-                pushed_base = self._one_round()
+                grant = self._acquire_slot() if self.slots else None
+                if grant is not None and not grant.granted:
+                    self._wait_after_refusal(grant)
+                    continue
+                pushed_base = self._one_round(grant)
                 if pushed_base is not None:
                     last_pushed_base = pushed_base
             except TributaryError as error:
@@ -238,7 +297,60 @@ class DeviceEmulator:
                 self.clock.stop.wait(ERROR_BACKOFF_S)
         return self.report
 
-    def _one_round(self) -> int | None:
+    def _acquire_slot(self) -> SlotGrant:
+        with self.gate:
+            grant = self.client.acquire_training_slot(self.state(self.clock.now()))
+        if not grant.granted:
+            self.report.slot_refusals += 1
+        return grant
+
+    def _wait_after_refusal(self, grant: SlotGrant) -> None:
+        """A synchronous round is full: wait for the next round's version (a
+        long poll shared by the worker), or until `retry_after_s` (real) in
+        case a holder's lease lapses and frees a place in this round. An
+        asynchronous job's slots are all busy: ask again after `retry_after_s`
+        (real seconds: at time_scale 0.01, 1 s is 100 emulated seconds)."""
+        if self.synchronous and self.versions is not None:
+            self.versions.wait_beyond(grant.version, timeout_s=grant.retry_after_s)
+        else:
+            self.clock.stop.wait(grant.retry_after_s)
+
+    def _sleep_working(self, t: float, grant: SlotGrant | None, version: int) -> bool:
+        """Sleep until emulated time t; a slot holder sends a TRAINING heartbeat
+        every third of its lease (real seconds), so the slot lasts as long as
+        the work, however slow the device."""
+        if grant is None or grant.lease_s <= 0:
+            return self.clock.sleep_until(t)
+        step = grant.lease_s / 3 / self.clock.time_scale
+        while True:
+            now = self.clock.now()
+            if now + step >= t:
+                return self.clock.sleep_until(t)
+            if not self.clock.sleep_until(now + step):
+                return False
+            try:
+                self.client.heartbeat(ClientState.TRAINING, base_version=version)
+            except TributaryError as error:  # one lost heartbeat: the next one renews the lease
+                logger.info("device %d: heartbeat: %s", self.report.index, error)
+
+    def _abandon(self, until: float, grant: SlotGrant | None, version: int, spent_j: float) -> None:
+        """A dropout or going offline at emulated time `until`: the energy used
+        so far is spent; a held slot is left to lapse (the device is gone), and
+        the device stays away until it has."""
+        self._sleep_working(until, grant, version)
+        self._spend(until, spent_j)
+        if grant is not None and grant.lease_s > 0:
+            self.clock.stop.wait(grant.lease_s)
+
+    def _spend(self, t: float, joules: float) -> None:
+        report = self.report
+        report.energy_j += joules
+        if not self.charging.is_on(t):
+            report.battery_level = max(0.0, self._battery(t) - joules / self.profile.battery_capacity_j)
+        else:
+            self._battery(t)
+
+    def _one_round(self, grant: SlotGrant | None) -> int | None:
         """One round; the base version it pushed on, or None if it did not push."""
         report, p = self.report, self.profile
         started = self.clock.now()
@@ -248,39 +360,47 @@ class DeviceEmulator:
         cohort = None
         if self.secure:
             cohort = SecureRound(self.client)
-            cohort.start()  # joins a cohort; key setup overlaps the training
+            cohort.start()  # joins a cohort (holding the slot, if any); key setup overlaps the training
         with self.gate:
             delta, samples = self._train(pulled.tensors)
         compute_s = p.compute_s(samples)
         download_s = p.transfer_s(self.model_bytes, upload=False)
         upload_s = p.transfer_s(self.model_bytes, upload=True)
         finish = started + download_s + compute_s + upload_s
+        download_j = WIFI_2009.transfer(self.model_bytes)
         if self.rng.random() < p.dropout:
             report.dropouts += 1
-            self.clock.sleep_until(started + download_s + compute_s * float(self.rng.random()))
+            done = float(self.rng.random())
+            self._abandon(started + download_s + compute_s * done, grant, pulled.version, download_j + p.power_w * compute_s * done)
             return None
         offline_at = self.online.next_change(started)
         if offline_at < finish:
             report.went_offline += 1
-            self.clock.sleep_until(offline_at)
+            done = min(1.0, max(0.0, (offline_at - started - download_s) / compute_s)) if compute_s > 0 else 0.0
+            self._abandon(offline_at, grant, pulled.version, download_j + p.power_w * compute_s * done)
             return None
-        if not self.clock.sleep_until(finish):
+        if not self._sleep_working(finish, grant, pulled.version):
             return None
-        report.energy_j += p.power_w * compute_s
-        report.battery_level = max(0.0, self._battery(finish) - p.power_w * compute_s / p.battery_capacity_j)
+        energy = estimate_update_energy(
+            p.power_w, compute_s, upload_bytes=self.model_bytes, download_bytes=self.model_bytes, radio=WIFI_2009
+        )
+        self._spend(finish, energy)
         try:
             if cohort is not None:
                 flat = np.concatenate([delta[name].reshape(-1) for name in self.names])
-                receipt = cohort.submit(pulled.version, flat, samples)
+                receipt = cohort.submit(pulled.version, flat, samples, energy_joules=energy)
                 report.staleness.append(receipt.staleness)
             else:
                 with self.gate:
-                    result = self.client.push(pulled.version, delta, num_samples=samples)
+                    result = self.client.push(pulled.version, delta, num_samples=samples, energy_joules=energy)
                 report.staleness.append(result.staleness)
-        except (NotAcceptedNow, CohortAborted):
+        except (NotAcceptedNow, CohortAborted) as error:
             report.updates_refused += 1
+            logger.info("device %d: update refused: %s", report.index, error)
         else:
             report.updates_accepted += 1
+            report.energy_reported_j += energy
+            report.accepted.append((pulled.version, energy))
         return pulled.version
 
     def _train(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:

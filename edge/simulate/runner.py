@@ -54,6 +54,9 @@ class SimulationResult:
     final_version: int = 0
     final_accuracy: float = 0.0
     server_stats: dict[str, Any] = field(default_factory=dict)
+    version_energy: list[tuple[int, float]] = field(default_factory=list)
+    """(version, joules) as the server recorded them: the energy reported for
+    the updates that went into each version, oldest first."""
 
     @property
     def devices(self) -> list[dict[str, Any]]:
@@ -92,6 +95,9 @@ class SimulationResult:
             "went_offline": sum(d["went_offline"] for d in devices),
             "device_errors": sum(d["errors"] for d in devices),
             "energy_j": round(sum(d["energy_j"] for d in devices), 1),
+            "energy_reported_j": round(sum(d["energy_reported_j"] for d in devices), 1),
+            "energy_per_version_j": round(sum(e for _, e in self.version_energy) / len(self.version_energy), 2) if self.version_energy else None,
+            "slot_refusals": sum(d["slot_refusals"] for d in devices),
             "mean_staleness": float(np.mean(staleness)) if staleness else None,
             "unfinished_devices": sum(g.unfinished for g in self.groups),
             "server": self.server_stats,

@@ -95,6 +95,8 @@ class DeviceGroup:
                 num_classes=data.num_classes,
                 synchronous=self.job.synchronous,
                 secure=self.job.secure_aggregation,
+                slots=self.job.max_concurrent_trainers is not None,
+                profile_name=fleet.name,
             )
             for i in spec.devices
         ]

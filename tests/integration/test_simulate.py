@@ -103,3 +103,45 @@ def test_ray_backend_on_a_local_instance() -> None:
     result = run_experiment(experiment(run={"duration_s": 300, "time_scale": 0.01}), RayBackend(num_cpus=2))
     assert result.backend == "ray"
     check_consistent(result)
+
+
+def test_fedavg_with_slots_waits_for_the_devices_it_picked_and_sums_energy(tmp_path: Path) -> None:
+    """Slots make each round exactly clients_per_round devices; devices their
+    policy refuses (never charging, require_charging) never train; the energy
+    the devices reported is what the server summed, version by version."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        """
+[defaults]
+seconds_per_sample = 0.05
+[[devices]]
+count = 8
+charging = "always"
+[[devices]]
+count = 4
+charging = "never"
+"""
+    )
+    server = {"strategy": "fedavg", "clients_per_round": 4, "max_concurrent_trainers": 4, "slot_lease_s": 2.0, "heartbeat_interval_s": 0.5}
+    result = run_experiment(
+        experiment(server=server, fleet={"file": str(fleet)}, eligibility={"require_charging": True}), LocalBackend()
+    )
+    summary = check_consistent(result)
+    never_charging = [d for d in result.devices if d["index"] >= 8]
+    assert all(d["rounds_started"] == 0 and d["accepted"] == [] for d in never_charging)
+    assert all(d["ineligible"] == "not charging (require_charging)" for d in never_charging)
+    # each closed round: exactly clients_per_round distinct devices pushed on its version
+    by_base: dict[int, list[int]] = {}
+    for device in result.devices:
+        for base, _ in device["accepted"]:
+            by_base.setdefault(base, []).append(device["index"])
+    closed = [base for base in by_base if base < result.final_version]
+    assert sorted(closed) == list(range(result.final_version)) and result.final_version >= 2
+    assert all(len(set(by_base[base])) == len(by_base[base]) == 4 for base in closed)
+    assert summary["slot_refusals"] > 0  # the 4 others were turned away each round
+    # energy: what the devices reported is the server's total, and version v holds the round on v - 1
+    reported = {base: sum(e for d in result.devices for b, e in d["accepted"] if b == base) for base in by_base}
+    assert result.server_stats["energy_joules_total"] == pytest.approx(summary["energy_reported_j"], abs=0.1)
+    assert [v for v, _ in result.version_energy] == list(range(1, result.final_version + 1))
+    for version, joules in result.version_energy:
+        assert joules == pytest.approx(reported[version - 1]) and joules > 0
