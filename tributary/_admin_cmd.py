@@ -43,8 +43,14 @@ def _admin(settings: dict[str, Any]) -> Iterator[AdminClient]:
 def show_status(settings: dict[str, Any]) -> None:
     with _admin(settings) as admin:
         jobs = admin.status()
-    rows = [("JOB", "STRATEGY", "VERSION", "UPDATES", "PENDING", "ENROLLED")]
-    rows += [(j.job_id, j.strategy, str(j.version), str(j.updates_accepted), str(j.pending_updates), str(j.enrolled_clients)) for j in jobs]
+    rows = [("JOB", "STRATEGY", "VERSION", "UPDATES", "PENDING", "ENROLLED", "TRAINING", "ENERGY_J")]
+    rows += [
+        (
+            j.job_id, j.strategy, str(j.version), str(j.updates_accepted), str(j.pending_updates), str(j.enrolled_clients),
+            str(j.active_trainers), f"{j.energy_joules_total:.1f}",
+        )  # fmt: skip
+        for j in jobs
+    ]
     _table(rows)
 
 

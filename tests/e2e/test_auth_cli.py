@@ -47,7 +47,7 @@ def test_enrol_then_train_with_the_token(tmp_path: Path) -> None:
 
         status = run(*admin, "status")
         assert status.returncode == 0, status.stderr
-        assert re.search(r"default\s+fedbuff\s+2\s+2\s+0\s+2", status.stdout), status.stdout
+        assert re.search(r"default\s+fedbuff\s+2\s+2\s+0\s+2\s+0\s+0\.0", status.stdout), status.stdout
 
         assert run(*admin, "revoke", "edge-1").returncode == 0
         revoked = run("client", "--insecure", "--server", address, "--updates", "1", "--client-id", "edge-1", "--token-file", str(token_file))
