@@ -9,6 +9,7 @@ emulator, whatever the backend.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 from multiprocessing.connection import Connection
@@ -16,6 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from edge.simulate.worker import JOIN_GRACE_S, DeviceGroup, GroupReport, GroupSpec
+
+logger = logging.getLogger("tributary.simulate")
 
 BACKENDS = ("local", "ray")
 START_MARGIN_S = 0.5
@@ -113,7 +116,7 @@ class RayBackend:
             options: dict[str, Any] = {"address": self.address, "include_dashboard": False, "log_to_driver": False}
             if self.address is None:
                 options["num_cpus"] = self.num_cpus or 2
-            ray.init(**options)
+            _init_ray(ray, options)
         try:
             # a fraction of a CPU each: the devices mostly sleep, and a small cluster still fits every group
             group: Any = ray.remote(num_cpus=0.1)(_RayDeviceGroup)
@@ -128,6 +131,24 @@ class RayBackend:
         finally:
             if started_here:
                 ray.shutdown()
+
+
+LOCAL_RAY_START_ATTEMPTS = 3
+
+
+def _init_ray(ray: Any, options: dict[str, Any]) -> None:
+    """`ray.init`, tried again when a local instance does not come up: Ray
+    gives its node a fixed 30 s to register, which a loaded machine (CI on 2
+    shared cores) can miss once; it then raises a bare Exception."""
+    for attempt in range(1, LOCAL_RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as error:
+            if options.get("address") is not None or "timed out during startup" not in str(error) or attempt == LOCAL_RAY_START_ATTEMPTS:
+                raise
+            logger.warning("the local Ray instance did not start (attempt %d of %d): %s; starting it again", attempt, LOCAL_RAY_START_ATTEMPTS, error)
+            ray.shutdown()
 
 
 class _RayDeviceGroup:
