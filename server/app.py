@@ -31,6 +31,7 @@ from server.interceptors import AuthInterceptor, InFlight
 from proto.tensors import MAX_MESSAGE_BYTES
 from server.limits import ServerLimits
 from server.limits_interceptor import LimitsInterceptor
+from server.metrics import ServerMetrics
 from server.models import load_model
 from server.servicer import TributaryServicer
 from server.store import StateStore
@@ -50,6 +51,8 @@ class RunningServer:
     limits: ServerLimits
     tls: bool
     """Whether the server serves TLS (mutual TLS when its config names a client CA)."""
+    metrics: ServerMetrics
+    """This server's Prometheus metrics (`metrics.exposition()` renders a scrape)."""
     recovered: tuple[str, ...] = ()
     """Jobs whose state was recovered from the state directory."""
     registry: ClientRegistry | None = None
@@ -135,7 +138,8 @@ def running_server(
     }
     authorizer = Authorizer(registry) if registry is not None else None
     uploads = PartialUploads(config.resume_budget_bytes, config.resume_expiry_s)
-    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts, authorizer, limits, uploads), server)
+    metrics = ServerMetrics(core, cohorts)
+    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts, authorizer, limits, uploads, metrics), server)
     if registry is not None:  # with auth off there is no admin credential, so no Admin service
         pb_grpc.add_AdminServicer_to_server(AdminServicer(core, registry), server)
     health_servicer = health.HealthServicer()
@@ -168,7 +172,7 @@ def running_server(
         )
     try:
         yield RunningServer(
-            port, f"{host}:{port}", core, server, health_servicer, limits, tls=credentials is not None, recovered=tuple(recovered),
+            port, f"{host}:{port}", core, server, health_servicer, limits, tls=credentials is not None, metrics=metrics, recovered=tuple(recovered),
             registry=registry, admin_token_file=admin.source if admin else None, admin_token_generated=admin_generated,
             uploads=uploads,
         )  # fmt: skip

@@ -381,6 +381,11 @@ class CohortManager:
             cohort = self._cohorts.get(cohort_id)
         return masked_dtype(cohort.coordinator.fixed_point.bits if cohort is not None else 32)
 
+    def waiting_clients(self) -> int:
+        """Clients waiting for a cohort to form."""
+        with self._lock:
+            return len(self._waiting)
+
     def cohort_phases(self) -> dict[str, str]:
         with self._lock:
             return {cohort_id: c.coordinator.phase.value for cohort_id, c in self._cohorts.items()}

@@ -44,7 +44,7 @@ import time
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -66,6 +66,7 @@ from server.roster import ClientState, Roster
 from server.scheduling import DeviceReport, SlotDecision, SlotPolicy, TrainingSlots
 from server.strategies import Strategy, all_finite, build_strategy
 
+T = TypeVar("T")
 _FLOAT_KINDS = "f"
 VERSION_LOG_LENGTH = 10_000
 MAX_NUM_SAMPLES = 1 << 32
@@ -178,6 +179,8 @@ class JobStats:
     """(version, unix time published) of the latest versions, the initial one included."""
     version_energy: collections.deque[tuple[int, float]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
     """(version, joules reported for the updates that went into it), like `versions`."""
+    evaluations: collections.deque[tuple[int, float, dict[str, float]]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
+    """(version, unix time evaluated, metrics such as {"accuracy": 0.93, "loss": 0.2}) from the server's evaluator."""
 
 
 class Journal(Protocol):
@@ -264,6 +267,8 @@ class Job:
         self._window_overflowed = False
         """Whether keys ever left `_acks` (the log may then hold ones it lacks)."""
         self._closing = False
+        self.aggregation_observer: Callable[[float], None] | None = None
+        """Given the seconds each new version took to compute and publish (server/metrics.py sets it)."""
         self.stats = JobStats()
         self.stats.versions.append((0, self._current.created_at))
         self.stats.version_energy.append((0, 0.0))
@@ -405,6 +410,16 @@ class Job:
         with self._lock:
             self.stats.rejected[reason] += 1
 
+    def read_stats(self, read: Callable[[JobStats], T]) -> T:
+        """`read(self.stats)` under the job's lock: a consistent view (a
+        metrics scrape reads counters that pushes change meanwhile)."""
+        with self._lock:
+            return read(self.stats)
+
+    def _observe_aggregation(self, started: float) -> None:
+        if self.aggregation_observer is not None:
+            self.aggregation_observer(time.perf_counter() - started)
+
     @property
     def energy_joules_total(self) -> float:
         """Joules reported for every accepted update: published and pending."""
@@ -525,6 +540,7 @@ class Job:
 
     def _take(self, header: UpdateHeader, outcome: PushOutcome, delta: Mapping[str, np.ndarray], seq: int, *, replaying: bool = False) -> None:
         """Hand an admitted update to the strategy; call with the lock held."""
+        started = time.perf_counter()
         new_params = self._strategy.take(
             self._current.tensors,
             delta,
@@ -536,6 +552,8 @@ class Job:
             if not replaying:
                 faults.point("aggregate.mid")
             self._publish(new_params, seq, replaying=replaying, energy=self._energy_pending + header.energy_joules)
+            if not replaying:
+                self._observe_aggregation(started)
         else:
             self._energy_pending += header.energy_joules
         self.stats.updates_accepted += 1
@@ -549,6 +567,7 @@ class Job:
         if weight_sum <= 0:
             raise InvalidUpdate("the cohort's weights sum to zero: every member was too stale; nothing was applied")
         with self._lock:
+            started = time.perf_counter()
             new_params = self._cohort_params(weighted_sum, weight_sum)
             seq = 0
             energy = self._energy_pending + energy_joules
@@ -558,6 +577,7 @@ class Job:
                 )
                 faults.point("secagg.logged")
             self._publish(new_params, seq, energy=energy)
+            self._observe_aggregation(started)
             self.stats.updates_accepted += contributors
             self.stats.cohorts_applied += 1
             return self._current.version

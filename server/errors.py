@@ -7,6 +7,7 @@
     |   +-- StaleUpdate          staleness above max_staleness
     |   +-- UnknownVersion       base version the server never published
     |   +-- RoundClosed          fedavg: the round this update was for is over
+    |   +-- NoTrainingSlot       the job caps trainers and the client holds no slot
     +-- LimitExceeded            over a configured size limit; retrying cannot help
     |   +-- RetryLater           over a load limit (rate, concurrent streams); may
     |                            succeed after `retry_after_s`
@@ -59,6 +60,10 @@ class UnknownVersion(PreconditionFailed):
 
 
 class RoundClosed(PreconditionFailed):
+    pass
+
+
+class NoTrainingSlot(PreconditionFailed):
     pass
 
 

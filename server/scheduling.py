@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.errors import InvalidUpdate, PreconditionFailed
+from server.errors import InvalidUpdate, NoTrainingSlot
 
 RETRY_AFTER_S = 1.0
 """When a refused client should ask again while slots are busy."""
@@ -184,12 +184,12 @@ class TrainingSlots:
             return 0.0 if held is None else held.expires_at - now
 
     def require(self, client_id: str, job_id: str) -> None:
-        """Refuse (PreconditionFailed) a client that holds no slot."""
+        """Refuse (NoTrainingSlot, a PreconditionFailed) a client that holds no slot."""
         with self._lock:
             self._expire(self._clock())
             if client_id in self._holders:
                 return
-        raise PreconditionFailed(
+        raise NoTrainingSlot(
             f"client {client_id!r} holds no training slot in job {job_id!r} (max_concurrent_trainers="
             f"{self.policy.max_concurrent_trainers}); ask for one (AcquireTrainingSlot) before training. "
             f"A slot is released by the client's push and lapses {self.policy.lease_s:g} s after its last "

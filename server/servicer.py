@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import NoReturn
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -50,6 +51,7 @@ from server.errors import (
     UploadSuperseded,
 )
 from server.limits import ServerLimits
+from server.metrics import ServerMetrics
 from server.secagg import CohortAborted
 
 _STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -103,8 +105,10 @@ class TributaryServicer(pb_grpc.TributaryServicer):
         authorizer: Authorizer | None = None,
         limits: ServerLimits | None = None,
         uploads: PartialUploads | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self._core = core
+        self._metrics = metrics if metrics is not None else ServerMetrics(core, cohorts)
         self._uploads = uploads if uploads is not None else PartialUploads()
         self._cohorts = cohorts or {}
         self._authorizer = authorizer
@@ -141,6 +145,16 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             )
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
+        sent = 0
+        try:
+            for response in self._pull(request, context):
+                if response.WhichOneof("kind") == "chunk":
+                    sent += len(response.chunk.data)
+                yield response
+        finally:  # a pull cut off mid-stream counts what it sent
+            self._metrics.note_sent_bytes(request.job_id, sent)
+
+    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
         with _status_on_error(context):
             self._authorize(context, request.job_id)
             job = self._core.job(request.job_id)
@@ -160,12 +174,23 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             yield response
 
     def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushAck:
+        started = time.perf_counter()
+        tally = _Tally()
+        try:
+            return self._push(tally.count(request_iterator), context, tally)
+        finally:
+            self._metrics.note_received_bytes(tally.job_id, tally.payload_bytes)
+            self._metrics.observe_push(tally.job_id, time.perf_counter() - started)
+
+    def _push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext, tally: _Tally) -> pb.PushAck:
         job: Job | None = None
-        with _status_on_error(context, lambda reason: job.note_rejection(reason) if job else None):
+        with _status_on_error(context, lambda error: self._note_rejected(job, tally.job_id, error)):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "update":
                 raise InvalidUpdate("a push stream must start with an `update` header message")
             message = first.update
+            tally.job_id = message.job_id
+            self._metrics.note_update_received(message.job_id)
             self._authorize(context, message.job_id, message.client_id)
             job = self._core.job(message.job_id)
             _check_id("client_id", message.client_id)
@@ -346,11 +371,22 @@ class TributaryServicer(pb_grpc.TributaryServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def UploadMasked(self, request_iterator: Iterator[pb.MaskedInputRequest], context: grpc.ServicerContext) -> pb.UnmaskRequestMessage:
-        with _status_on_error(context):
+        tally = _Tally()
+        try:
+            return self._upload_masked(tally.count(request_iterator), context, tally)
+        finally:
+            self._metrics.note_received_bytes(tally.job_id, tally.payload_bytes)
+
+    def _upload_masked(
+        self, request_iterator: Iterator[pb.MaskedInputRequest], context: grpc.ServicerContext, tally: _Tally
+    ) -> pb.UnmaskRequestMessage:
+        with _status_on_error(context, lambda error: self._note_rejected(None, tally.job_id, error)):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidUpdate("a masked upload must start with a `header` message")
             ref = first.header
+            tally.job_id = ref.job_id
+            self._metrics.note_update_received(ref.job_id)
             self._authorize(context, ref.job_id)
             manager = self._manager(ref.job_id)
             check_energy(ref.energy_joules)
@@ -388,6 +424,12 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             return pb.CohortOutcome(version=version)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _note_rejected(self, job: Job | None, job_id: str, error: BaseException) -> None:
+        """A refused update: counted by the job (by error type) and in the metrics (by reason)."""
+        if job is not None:
+            job.note_rejection(type(error).__name__)
+        self._metrics.note_rejected(job_id, error)
+
     def _authorize(self, context: grpc.ServicerContext, job_id: str, client_id: str = "") -> None:
         if self._authorizer is not None:
             self._authorizer.authorize(context.invocation_metadata(), job_id, client_id)
@@ -398,6 +440,32 @@ class TributaryServicer(pb_grpc.TributaryServicer):
         if manager is None:
             raise PreconditionFailed(f"job {job.job_id!r} does not run secure aggregation; push updates in plaintext")
         return manager
+
+
+class _Chunked(Protocol):
+    """A streamed request: a header message, then `chunk` messages."""
+
+    @property
+    def chunk(self) -> pb.Chunk: ...
+
+    def WhichOneof(self, oneof_group: str) -> str | None: ...
+
+
+_Request = TypeVar("_Request", bound=_Chunked)
+
+
+class _Tally:
+    """What a client stream carried, for the metrics: the job it named and its chunk bytes."""
+
+    def __init__(self) -> None:
+        self.job_id = ""
+        self.payload_bytes = 0
+
+    def count(self, requests: Iterator[_Request]) -> Iterator[_Request]:
+        for request in requests:
+            if request.WhichOneof("kind") == "chunk":
+                self.payload_bytes += len(request.chunk.data)
+            yield request
 
 
 def _by_peer(shares: Iterable[pb.SealedShare], what: str, who: str = "peer") -> dict[int, bytes]:
@@ -464,12 +532,12 @@ def status_code_for(error: BaseException) -> grpc.StatusCode | None:
 
 
 @contextlib.contextmanager
-def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[str], None] | None = None) -> Iterator[None]:
+def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[BaseException], None] | None = None) -> Iterator[None]:
     try:
         yield
     except _REFUSALS as error:
         if on_reject is not None and status_code_for(error) is not None:
-            on_reject(type(error).__name__)
+            on_reject(error)
         abort_with_error(context, error)
 
 
