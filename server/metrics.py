@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from proto.secagg.protocol import Phase, ProtocolViolation
 from proto.tensors import MalformedPayload
@@ -317,8 +316,8 @@ class _StateCollector(Collector):
 def _staleness_buckets(counts: Mapping[int, int]) -> tuple[list[tuple[str, float]], float]:
     """Cumulative (le, count) buckets, +Inf last, and the sum of staleness."""
     buckets: list[tuple[str, float]] = []
-    for bound in STALENESS_BUCKETS:
-        buckets.append((floatToGoString(bound), sum(count for staleness, count in counts.items() if staleness <= bound)))
+    for bound in STALENESS_BUCKETS:  # `le` written "1.0", as prometheus_client writes it
+        buckets.append((str(float(bound)), sum(count for staleness, count in counts.items() if staleness <= bound)))
     buckets.append(("+Inf", sum(counts.values())))
     return buckets, float(sum(staleness * count for staleness, count in counts.items()))
 
