@@ -66,6 +66,8 @@ def main() -> None:
 @click.option("--quantize-bits", type=click.IntRange(0), default=None, help="Secure aggregation: members quantize each value to 8 or 4 bits; the ring shrinks to what the cohort's sum needs and masked inputs travel as uint8/uint16.  [default: full ring precision]")
 @click.option("--value-bound", type=float, default=None, help="Secure aggregation with --quantize-bits: clip each w * delta value to +-this (--clip-bound then bounds the weight w).  [default: --clip-bound]")
 @click.option("--accept-compression", default=None, help="Compressed pushes a plaintext job takes: comma-separated of quantize, top_k, or none.  [default: quantize,top_k]")
+@click.option("--evaluator", default=None, help="Evaluate each new model version on the server with this \"module:function\" (tensors -> {metric: number}); none: no evaluator.  [default: with --task digits, edge.tasks:digits_evaluator; otherwise none]")
+@click.option("--evaluate-every", type=int, default=None, help="With --evaluator: evaluate at most every this many versions (the newest; slower evaluators skip versions).  [default: 1]")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Serve TLS with this PEM certificate (chain); needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM private key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Require client certificates signed by this PEM CA (mutual TLS).")
