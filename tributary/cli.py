@@ -215,5 +215,18 @@ def simulate(**options: object) -> None:
 
     run_simulate(options)
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for the plots and summary.  [default: RUN/report]")
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "both"]), default="both", help="Summary as Markdown (index.md), HTML (index.html) or both.")
+@click.option("--target", type=float, default=None, help="Accuracy whose time to reach the summary reports.  [default: the run's target, if it had one]")
+def report(**options: object) -> None:
+    """Plot a run and summarise it: RUN is a server state directory
+    (tributary.db) or a folder `tributary simulate` or `tributary demo` wrote."""
+    from tributary._report_cmd import run_report
+
+    run_report(options)
+
+
 if __name__ == "__main__":
     main()
