@@ -75,6 +75,11 @@ def load_run(path: Path, *, target: float | None = None) -> list[RunRecord]:
     records = _load(path, target)
     for record in records:
         record.target = target if target is not None else record.target
+        # a version evaluated again (simulate's final point, stamped with the run's end) counts from when it was first seen
+        first_seen: dict[int, tuple[float, int, float]] = {}
+        for point in record.accuracy:
+            first_seen.setdefault(point[1], point)
+        record.accuracy = sorted(first_seen.values())
     return records
 
 
@@ -311,7 +316,8 @@ def plot(record: RunRecord, out_dir: Path) -> None:
             axes.bar(xs, ys)
             axes.set_ylabel("MB uploaded into the version")
         else:
-            axes.plot(xs, ys, linewidth=1)
+            axes.step([0.0, *xs], [0.0, *ys], where="post", linewidth=1)
+            axes.set_ylim(bottom=0)
             axes.set_ylabel("MB uploaded (cumulative)")
         axes.set_xlabel(record.bytes_label)
         axes.set_title(f"{record.name}: bytes on the wire")
