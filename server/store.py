@@ -219,7 +219,8 @@ class StateStore:
                 elif found[0] != SCHEMA_VERSION:
                     raise StateError(f"state directory {self.state_dir} has schema {found[0]}; this server reads {SCHEMA_VERSION}")
         except StateError:
-            self._db.close()
+            if hasattr(self, "_db"):  # a newer schema: the lock is ours, and the database open
+                self._db.close()
             self._release_lock()
             raise
         except sqlite3.DatabaseError as error:

@@ -265,3 +265,19 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(StateError, match="has schema 4; this server reads 3"):
         StateStore(tmp_path)
+
+
+# -- the server command's defaults ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(None, "edge.tasks:digits_evaluator"), ("none", None), ("pkg.mod:fn", "pkg.mod:fn")],
+)
+def test_task_digits_evaluates_by_default_unless_told_otherwise(given: str | None, expected: str | None) -> None:
+    from tributary._server_cmd import _JOB_FLAGS, build_config
+
+    options: dict[str, Any] = {flag: None for flag in _JOB_FLAGS}
+    options |= {"config_path": None, "task": "digits", "seed": 0, "insecure": True, "evaluator": given}
+    config, _ = build_config(options)
+    assert config.jobs[0].evaluator == expected
