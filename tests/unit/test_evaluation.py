@@ -281,3 +281,13 @@ def test_task_digits_evaluates_by_default_unless_told_otherwise(given: str | Non
     options |= {"config_path": None, "task": "digits", "seed": 0, "insecure": True, "evaluator": given}
     config, _ = build_config(options)
     assert config.jobs[0].evaluator == expected
+
+
+def test_the_digits_evaluator_scores_the_digits_model_on_its_held_out_split() -> None:
+    from edge.tasks import initial_weights
+
+    evaluator = load_evaluator("edge.tasks:digits_evaluator", "digits")
+    metrics = checked_metrics(evaluator(initial_weights(0)))
+    assert set(metrics) == {"accuracy", "loss"}
+    assert 0.0 <= metrics["accuracy"] <= 0.3  # an untrained CNN: about chance on 10 classes
+    assert metrics["loss"] > 1.5  # about ln(10)
