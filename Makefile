@@ -13,7 +13,7 @@ $(BIN)/tributary: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[torch,dev,edge,ray]"
+	$(BIN)/pip install --quiet -e ".[torch,dev,edge,ray,report]"
 	touch $@
 
 demo: $(BIN)/tributary

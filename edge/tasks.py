@@ -7,7 +7,9 @@ seeded, so the same seed gives the same split, shards and initial model.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,3 +138,30 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
     predictions = model(torch.from_numpy(x)).argmax(dim=1).numpy()
     return float((predictions == y).mean())
+
+
+EVALUATION_SEED = 0
+"""The split `digits_evaluator` holds out: the one `tributary client --task digits`
+trains around with its default --seed 0 (clients with another seed would train
+on some of these test examples)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _held_out() -> tuple[torch.Tensor, torch.Tensor]:
+    split = load_digits_split(EVALUATION_SEED)
+    return torch.from_numpy(split.x_test), torch.from_numpy(split.y_test)
+
+
+@torch.no_grad()
+def digits_evaluator(tensors: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Server-side evaluator of the digits task (`evaluator = "edge.tasks:digits_evaluator"`):
+    accuracy and mean cross-entropy loss of the DigitsCNN on the held-out test split."""
+    x, y = _held_out()
+    model = DigitsCNN()  # one per call (85k parameters): evaluators of several jobs may run at once
+    model.load_state_dict({name: torch.from_numpy(np.array(value)) for name, value in tensors.items()})
+    model.eval()
+    logits = model(x)
+    return {
+        "accuracy": float((logits.argmax(dim=1) == y).float().mean()),
+        "loss": float(nn.functional.cross_entropy(logits, y)),
+    }

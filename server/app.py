@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,7 @@ from server.cohorts import CohortManager
 from server.config import ServerConfig
 from server.core import AggregationCore
 from server.errors import ConfigError, StateError
+from server.evaluation import EvaluationLoop, load_evaluator
 from server.interceptors import AuthInterceptor, InFlight
 from proto.tensors import MAX_MESSAGE_BYTES
 from server.limits import ServerLimits
@@ -63,6 +64,8 @@ class RunningServer:
     """True when this start generated it into <state_dir>/admin.token."""
     uploads: PartialUploads | None = None
     """Interrupted pushes kept for their clients to resume."""
+    evaluations: Mapping[str, EvaluationLoop] = field(default_factory=dict)
+    """The server-side evaluator of each job that has one, by job id."""
 
 
 def load_initial_models(config: ServerConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -109,6 +112,7 @@ def running_server(
         core = AggregationCore.from_config(config, initial_models)
     except (ValueError, KeyError) as error:
         raise ConfigError(str(error)) from error
+    evaluators = {job.job_id: load_evaluator(job.evaluator, job.job_id) for job in config.jobs if job.evaluator is not None}
     store = None
     recovered: list[str] = []
     if config.state_dir is not None:
@@ -119,6 +123,18 @@ def running_server(
             if store is not None:
                 store.close()
             raise ConfigError(str(error)) from error
+    evaluations = {
+        job.job_id: EvaluationLoop(core.job(job.job_id), evaluators[job.job_id], job.evaluator or "", every=job.evaluate_every)
+        for job in config.jobs
+        if job.job_id in evaluators
+    }
+    try:
+        for loop in evaluations.values():
+            loop.check()  # a trial run on the current model, before any client can connect
+    except ConfigError:
+        if store is not None:
+            store.close()
+        raise
     registry, admin, admin_generated = _open_auth(config) if config.auth else (None, None, False)
     limits = ServerLimits.from_config(config)
     in_flight = InFlight()
@@ -160,6 +176,8 @@ def running_server(
         raise ConfigError(f"cannot listen on {config.address}: {reason}")
     server.start()
     limits.watchdog.start()
+    for loop in evaluations.values():
+        loop.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = config.address.rpartition(":")[0]
@@ -174,9 +192,11 @@ def running_server(
         yield RunningServer(
             port, f"{host}:{port}", core, server, health_servicer, limits, tls=credentials is not None, metrics=metrics, recovered=tuple(recovered),
             registry=registry, admin_token_file=admin.source if admin else None, admin_token_generated=admin_generated,
-            uploads=uploads,
+            uploads=uploads, evaluations=evaluations,
         )  # fmt: skip
     finally:
+        for loop in evaluations.values():
+            loop.stop(timeout_s=config.grace_period_s if grace_s is None else grace_s)
         in_flight.close()
         health_servicer.enter_graceful_shutdown()
         for manager in cohorts.values():

@@ -30,6 +30,8 @@ TOML layout (job keys are flat, like the CLI flags):
     max_staleness = 50
     max_concurrent_trainers = 100   # training slots (server/scheduling.py)
     prefer_charging = true
+    evaluator = "edge.tasks:digits_evaluator"   # server-side evaluation (server/evaluation.py)
+    evaluate_every = 1
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ MAX_HEARTBEAT_INTERVAL_S = 3600.0
 """Keeps next_heartbeat_ms (uint32) far from overflowing."""
 MAX_KEEP_VERSIONS_FOR_RESUME = 100
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def _is_number(value: object) -> bool:
@@ -307,8 +310,15 @@ class JobConfig:
     keep_versions_for_resume: int = 2
     """Published versions kept, besides the current one, for pulls cut off
     mid-stream to resume from (each is a whole model in memory)."""
+    evaluator: str | None = None
+    """"module:function" of a server-side evaluator (server/evaluation.py): called
+    with a version's tensors, returns metrics such as {"accuracy": 0.93}; None: none."""
+    evaluate_every: int = 1
+    """With an evaluator: evaluate a version at least this many versions after the
+    last one evaluated (the newest then; versions published meanwhile are skipped)."""
 
     def __post_init__(self) -> None:
+        self._check_evaluator()
         if self.secure_aggregation is not None and self.strategy.name != "fedbuff":
             raise ConfigError(
                 f"secure aggregation runs with strategy 'fedbuff' (each cohort is one buffered aggregate); "
@@ -360,6 +370,19 @@ class JobConfig:
                 f"roster_expiry_s={self.roster_expiry_s!r} must be at least twice heartbeat_interval_s="
                 f"{self.heartbeat_interval_s!r}, or a client that misses one heartbeat is forgotten"
             )
+
+    def _check_evaluator(self) -> None:
+        if self.evaluator is not None:
+            module, sep, function = self.evaluator.partition(":") if isinstance(self.evaluator, str) else ("", "", "")
+            if not (sep and _DOTTED.match(module) and _DOTTED.match(function)):
+                raise ConfigError(
+                    f"job {self.job_id!r}: evaluator must be \"module:function\" (e.g. \"edge.tasks:digits_evaluator\"), "
+                    f"got {self.evaluator!r}"
+                )
+        if not (_is_int(self.evaluate_every) and self.evaluate_every >= 1):
+            raise ConfigError(f"job {self.job_id!r}: evaluate_every must be an integer >= 1 (versions), got {self.evaluate_every!r}")
+        if self.evaluate_every != 1 and self.evaluator is None:
+            raise ConfigError(f"job {self.job_id!r}: evaluate_every only applies with an evaluator: set evaluator too")
 
     def _check_slots(self) -> None:
         cap = self.max_concurrent_trainers
@@ -420,6 +443,7 @@ class JobConfig:
             elif key in (
                 "max_staleness", "max_update_bytes", "idempotency_window", "heartbeat_interval_s", "roster_expiry_s", "roster_max_clients",
                 "max_concurrent_trainers", "prefer_charging", "min_battery", "slot_lease_s", "keep_versions_for_resume",
+                "evaluator", "evaluate_every",
             ):  # fmt: skip
                 job[key] = value
             elif key == "initial_model":

@@ -211,6 +211,9 @@ class Journal(Protocol):
     def cohort_version(self, job_id: str, cohort_id: str) -> int | None:
         """The version a logged cohort was applied in; None if it never was."""
 
+    def record_evaluation(self, job_id: str, version: int, evaluated_at: float, metrics: Mapping[str, float]) -> None:
+        """Store the server evaluator's metrics of a version."""
+
 
 @dataclass(frozen=True)
 class HeartbeatOutcome:
@@ -391,6 +394,11 @@ class Job:
             self._version_changed.wait_for(lambda: self._current.version >= min_version or self._closing, timeout=timeout_s)
             return self._current
 
+    @property
+    def closing(self) -> bool:
+        """Shutting down: version waits answer at once."""
+        return self._closing
+
     def release_waiters(self) -> None:
         """Shutting down: long polls answer now, with the current version."""
         with self._version_changed:
@@ -401,6 +409,21 @@ class Job:
         """The version a cohort was applied in, from the durable log (None
         without a state directory, or if it never was applied)."""
         return self._journal.cohort_version(self.job_id, cohort_id) if self._journal is not None else None
+
+    def record_evaluation(self, version: int, evaluated_at: float, metrics: Mapping[str, float]) -> None:
+        """Keep the evaluator's metrics of `version` (in the state directory too).
+        Called by the evaluation thread, never under the job's lock while the
+        journal writes: evaluations never hold up pushes."""
+        with self._lock:
+            self.stats.evaluations.append((version, evaluated_at, dict(metrics)))
+        if self._journal is not None:
+            self._journal.record_evaluation(self.job_id, version, evaluated_at, metrics)
+
+    def restore_evaluations(self, recent: Iterable[tuple[int, float, dict[str, float]]]) -> None:
+        """After recovery: the latest evaluations, oldest first."""
+        with self._lock:
+            self.stats.evaluations.clear()
+            self.stats.evaluations.extend(recent)
 
     def note_cohort_abort(self, reason: str) -> None:
         with self._lock:

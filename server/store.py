@@ -20,10 +20,14 @@ Kept, and for how long:
 - the newest `keep_checkpoints` checkpoints per job (0 keeps all);
 - one row per published version, always (a few dozen bytes each), with the
   energy clients reported for the updates that went into it.
+- one row per evaluated version, always (its metrics as JSON).
 
-Schema 2 added `energy_joules` to update_log and versions; a schema-1 database
-is migrated in place when opened (old rows count 0 J), after which an older
-server refuses it by its schema number instead of misreading it.
+Schema 2 added `energy_joules` to update_log and versions; schema 3 added
+`wire_bytes` to update_log (the update's size on the wire, for run reports;
+NULL: logged before) and the `evaluations` table (the server evaluator's
+metrics per version, restored into JobStats.evaluations on restart). An older
+database is migrated in place when opened (old rows count 0 J), after which an
+older server refuses it by its schema number instead of misreading it.
 
 Lock order: the job's lock, then StateStore._lock (the job calls in while
 holding its own; this class never calls into a job while holding its lock).
@@ -64,12 +68,17 @@ interleave their logs and leave the directory unrecoverable."""
 REPLAYABLE_CHECKPOINTS = 3
 """Update payloads are kept until this many of the newest checkpoints cover
 them (fewer if fewer are kept): recovery can fall back that far."""
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
+_TO_3 = ("ALTER TABLE update_log ADD COLUMN wire_bytes INTEGER",)
+"""Schema 3: the bytes each update took on the wire (NULL for rows logged
+before: unknown), and the `evaluations` table (created with the schema)."""
 _MIGRATIONS = {
     "1": (
         "ALTER TABLE update_log ADD COLUMN energy_joules REAL NOT NULL DEFAULT 0",
         "ALTER TABLE versions ADD COLUMN energy_joules REAL NOT NULL DEFAULT 0",
+        *_TO_3,
     ),
+    "2": _TO_3,
 }
 """Schema -> the statements that bring it to SCHEMA_VERSION (in one transaction)."""
 PART_BYTES = 64 << 20
@@ -100,6 +109,7 @@ CREATE TABLE IF NOT EXISTS update_log (
     contributors INTEGER NOT NULL DEFAULT 1,
     received_at REAL NOT NULL,
     energy_joules REAL NOT NULL DEFAULT 0,
+    wire_bytes INTEGER,
     UNIQUE (job_id, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS update_log_by_job ON update_log (job_id, seq);
@@ -115,6 +125,13 @@ CREATE TABLE IF NOT EXISTS versions (
     seq INTEGER NOT NULL,
     published_at REAL NOT NULL,
     energy_joules REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS evaluations (
+    job_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    evaluated_at REAL NOT NULL,
+    metrics TEXT NOT NULL,
     PRIMARY KEY (job_id, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -201,6 +218,11 @@ class StateStore:
                     log.info("state directory %s: migrated schema %s to %s", self.state_dir, found[0], SCHEMA_VERSION)
                 elif found[0] != SCHEMA_VERSION:
                     raise StateError(f"state directory {self.state_dir} has schema {found[0]}; this server reads {SCHEMA_VERSION}")
+        except StateError:
+            if hasattr(self, "_db"):  # a newer schema: the lock is ours, and the database open
+                self._db.close()
+            self._release_lock()
+            raise
         except sqlite3.DatabaseError as error:
             self._release_lock()
             raise StateError(f"state directory {self.state_dir}: {DATABASE_NAME} cannot be used: {error}") from error
@@ -343,6 +365,11 @@ class StateStore:
             (job.job_id, stats.version_energy.maxlen),
         ).fetchall()
         job.restore_energy(float(published_energy), ((int(v), float(e)) for v, e in reversed(recent_energy)))
+        evaluated = self._db.execute(
+            "SELECT version, evaluated_at, metrics FROM evaluations WHERE job_id = ? ORDER BY version DESC LIMIT ?",
+            (job.job_id, stats.evaluations.maxlen),
+        ).fetchall()
+        job.restore_evaluations((int(v), float(t), json.loads(m)) for v, t, m in reversed(evaluated))
 
     # -- the journal (called by jobs, under their lock) -----------------------------
 
@@ -354,11 +381,11 @@ class StateStore:
         with self._lock, self._transaction(writing=True):
             seq = self._insert(
                 "INSERT INTO update_log (job_id, kind, idempotency_key, client_id, base_version, num_samples, "
-                "version_at_arrival, staleness, staleness_weight, version_after, received_at, energy_joules) "
-                "VALUES (?, 'update', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "version_at_arrival, staleness, staleness_weight, version_after, received_at, energy_joules, wire_bytes) "
+                "VALUES (?, 'update', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, header.idempotency_key, header.client_id, header.base_version, header.num_samples,
                  outcome.version_at_arrival, outcome.staleness, outcome.staleness_weight, outcome.version_after, now,
-                 header.energy_joules),
+                 header.energy_joules, header.payload_bytes),
             )  # fmt: skip
             self._db.executemany("INSERT INTO update_payloads VALUES (?, ?, ?)", ((seq, i, part) for i, part in enumerate(parts)))
             if outcome.version_after > outcome.version_at_arrival:
@@ -408,6 +435,13 @@ class StateStore:
                 "SELECT version_after FROM update_log WHERE job_id = ? AND kind = 'cohort' AND cohort_id = ?", (job_id, cohort_id)
             ).fetchone()
         return None if row is None else int(row[0])
+
+    def record_evaluation(self, job_id: str, version: int, evaluated_at: float, metrics: Mapping[str, float]) -> None:
+        with self._lock, self._transaction(writing=True):
+            self._db.execute(
+                "INSERT OR REPLACE INTO evaluations (job_id, version, evaluated_at, metrics) VALUES (?, ?, ?, ?)",
+                (job_id, version, evaluated_at, json.dumps(dict(metrics), sort_keys=True)),
+            )
 
     def published(self, job_id: str, snapshot: ModelSnapshot, seq: int) -> None:
         with self._lock:

@@ -37,8 +37,10 @@ class History:
     started: float
     points: list[dict[str, float]] = field(default_factory=list)
 
-    def add(self, version: int, accuracy: float) -> None:
-        self.points.append({"seconds": round(time.monotonic() - self.started, 3), "version": version, "accuracy": accuracy})
+    def add(self, version: int, accuracy: float, updates_accepted: int) -> None:
+        self.points.append(
+            {"seconds": round(time.monotonic() - self.started, 3), "version": version, "accuracy": accuracy, "updates_accepted": updates_accepted}
+        )
 
 
 def run_demo(options: dict[str, Any]) -> None:
@@ -93,7 +95,7 @@ def run_demo(options: dict[str, Any]) -> None:
             f"{len(fleet)} clients, round times {', '.join(f'{FAST_ROUND_S * f:.2f}s' for f, _ in fleet)}"
         )
         history = History(started)
-        history.add(0, evaluate(job.snapshot().tensors))
+        history.add(0, evaluate(job.snapshot().tensors), job.stats.updates_accepted)
         try:
             _watch(job, evaluate, history, options, console, fleet, run_dir)
             # the model as training ended, before the fleet's shutdown adds its own time
@@ -128,10 +130,15 @@ def run_demo(options: dict[str, Any]) -> None:
         "updates_rejected": dict(stats.rejected),
         "staleness_histogram": {str(k): v for k, v in sorted(stats.staleness.items())},
         "updates_per_client": dict(stats.updates_per_client),
+        "energy_joules_total": job.energy_joules_total,
+        # demo clients push uncompressed, so each update is the model's size on the wire;
+        # under secure aggregation the masked uploads are sized otherwise (not recorded)
+        "update_bytes": None if secure is not None else final.payload_bytes,
         "history": history.points,
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     _print_summary(console, results, run_dir)
+    _print_report(console, run_dir)
     if not reached:
         best = max(p["accuracy"] for p in history.points)
         raise click.ClickException(
@@ -227,7 +234,7 @@ def _watch(
             if snapshot.version == seen:
                 continue
             seen = snapshot.version
-            history.add(seen, evaluate(snapshot.tensors))
+            history.add(seen, evaluate(snapshot.tensors), job.stats.updates_accepted)
             progress.update(task, completed=min(seen, max_versions), accuracy=history.points[-1]["accuracy"])
 
 
@@ -264,3 +271,9 @@ def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> 
     table.add_row("wall time", f"{results['wall_seconds']:.1f}s")
     console.print(table)
     console.print(f"results written to {run_dir}/ (results.json, final_model.safetensors, client logs, TLS certificates)", soft_wrap=True)
+
+
+def _print_report(console: Console, run_dir: Path) -> None:
+    from tributary._report_cmd import report_for_run
+
+    console.print(f"report: {report_for_run(run_dir)}", soft_wrap=True)

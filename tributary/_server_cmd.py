@@ -22,8 +22,11 @@ _JOB_FLAGS = (
     "secure_aggregation", "cohort_size", "min_survivors", "neighbours", "ring_bits", "clip_bound",
     "forming_timeout_s", "phase_timeout_s", "upload_timeout_s",
     "max_concurrent_trainers", "prefer_charging", "min_battery", "slot_lease_s",
-    "quantize_bits", "value_bound", "accept_compression",
+    "quantize_bits", "value_bound", "accept_compression", "evaluator", "evaluate_every",
 )
+
+DIGITS_EVALUATOR = "edge.tasks:digits_evaluator"
+"""`--task digits` evaluates each version on the digits' held-out split unless --evaluator says otherwise."""
 
 _SERVER_FLAGS = tuple(sorted(SERVER_KEYS - {"insecure"}))  # --insecure goes with the TLS flags
 """Server-wide flags: they also apply with --config, overriding the file."""
@@ -64,6 +67,11 @@ def build_config(options: dict[str, Any]) -> tuple[ServerConfig, dict[str, Any] 
         raise click.UsageError("give --initial-model or --task, not both")
     if not options["task"] and not options["initial_model"]:
         raise click.UsageError("the job needs a starting model: --initial-model model.safetensors or --task digits")
+    options = dict(options)
+    if options.get("evaluator") is None and options["task"] == "digits":
+        options["evaluator"] = DIGITS_EVALUATOR
+    if options.get("evaluator") == "none":
+        options["evaluator"] = None
     job = {
         "id": options["job_id"],
         "initial_model": options["initial_model"],
@@ -93,6 +101,7 @@ def run_server(options: dict[str, Any]) -> None:
                     f"max_staleness {job.max_staleness if job.max_staleness is not None else 'none'}"
                     + (f", secure aggregation in cohorts of {secure.cohort_size}" if secure else "")
                     + (f" quantized to {secure.quantize_bits} bits" if secure and secure.quantize_bits else "")
+                    + (f", evaluator {job.evaluator} every {job.evaluate_every} version(s)" if job.evaluator else "")
                 )
             for job_id in running.recovered:
                 resumed = running.core.job(job_id)

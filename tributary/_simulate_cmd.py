@@ -161,3 +161,6 @@ def run_simulate(options: dict[str, Any]) -> None:
         )
     console.print(table)
     console.print(f"results written to {run_dir}/ (results.json, history.csv, devices.json)", soft_wrap=True)
+    from tributary._report_cmd import report_for_run
+
+    console.print(f"report: {report_for_run(run_dir)}", soft_wrap=True)

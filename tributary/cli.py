@@ -66,6 +66,8 @@ def main() -> None:
 @click.option("--quantize-bits", type=click.IntRange(0), default=None, help="Secure aggregation: members quantize each value to 8 or 4 bits; the ring shrinks to what the cohort's sum needs and masked inputs travel as uint8/uint16.  [default: full ring precision]")
 @click.option("--value-bound", type=float, default=None, help="Secure aggregation with --quantize-bits: clip each w * delta value to +-this (--clip-bound then bounds the weight w).  [default: --clip-bound]")
 @click.option("--accept-compression", default=None, help="Compressed pushes a plaintext job takes: comma-separated of quantize, top_k, or none.  [default: quantize,top_k]")
+@click.option("--evaluator", default=None, help="Evaluate each new model version on the server with this \"module:function\" (tensors -> {metric: number}); none: no evaluator.  [default: with --task digits, edge.tasks:digits_evaluator; otherwise none]")
+@click.option("--evaluate-every", type=int, default=None, help="With --evaluator: evaluate at most every this many versions (the newest; slower evaluators skip versions).  [default: 1]")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Serve TLS with this PEM certificate (chain); needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PEM private key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Require client certificates signed by this PEM CA (mutual TLS).")
@@ -212,6 +214,19 @@ def simulate(**options: object) -> None:
     from tributary._simulate_cmd import run_simulate
 
     run_simulate(options)
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for the plots and summary.  [default: RUN/report]")
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "both"]), default="both", help="Summary as Markdown (index.md), HTML (index.html) or both.")
+@click.option("--target", type=float, default=None, help="Accuracy whose time to reach the summary reports.  [default: the run's target, if it had one]")
+def report(**options: object) -> None:
+    """Plot a run and summarise it: RUN is a server state directory
+    (tributary.db) or a folder `tributary simulate` or `tributary demo` wrote."""
+    from tributary._report_cmd import run_report
+
+    run_report(options)
+
 
 if __name__ == "__main__":
     main()

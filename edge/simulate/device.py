@@ -170,6 +170,9 @@ class DeviceReport:
     staleness: list[int] = field(default_factory=list)
     accepted: list[tuple[int, float]] = field(default_factory=list)
     """(base version, energy reported) of each accepted update."""
+    uploads: list[tuple[float, int]] = field(default_factory=list)
+    """(emulated seconds, bytes on the wire) of each accepted plain push (run
+    reports plot them; a secure cohort's masked upload is not counted here)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -394,6 +397,7 @@ class DeviceEmulator:
                 with self.gate:
                     result = self.client.push(pulled.version, delta, num_samples=samples, energy_joules=energy)
                 report.staleness.append(result.staleness)
+                report.uploads.append((round(self.clock.now(), 3), result.payload_bytes))
         except (NotAcceptedNow, CohortAborted) as error:
             report.updates_refused += 1
             logger.info("device %d: update refused: %s", report.index, error)

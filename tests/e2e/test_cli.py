@@ -174,6 +174,14 @@ def test_demo_fails_loudly_when_target_is_missed(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "the target was 99%" in result.stderr
+    # a missed target still leaves a report of what happened, with its numbers
+    (run_dir,) = tmp_path.glob("demo-*")
+    assert f"report: {run_dir / 'report' / 'index.html'}" in result.stdout.replace("\n", "")
+    results = json.loads((run_dir / "results.json").read_text())
+    summary = (run_dir / "report" / "index.md").read_text()
+    assert f"| updates accepted | {results['updates_accepted']} |" in summary and "| time to 99% | not reached |" in summary
+    for kind in ("accuracy_time", "accuracy_version", "staleness", "updates_per_client", "bytes"):
+        assert (run_dir / "report" / f"{run_dir.name}-{kind}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(

@@ -229,6 +229,8 @@ def test_a_schema_1_state_directory_is_migrated(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / DATABASE_NAME)  # make it what a schema-1 server wrote
     db.execute("ALTER TABLE versions DROP COLUMN energy_joules")
     db.execute("ALTER TABLE update_log DROP COLUMN energy_joules")
+    db.execute("ALTER TABLE update_log DROP COLUMN wire_bytes")  # schema 3's
+    db.execute("DROP TABLE evaluations")
     db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
     db.commit()
     db.close()
@@ -238,7 +240,7 @@ def test_a_schema_1_state_directory_is_migrated(tmp_path: Path) -> None:
             a.push(1, delta(), energy_joules=2.0)
             assert a.job_info().energy_joules_total == pytest.approx(2.0)
     db = sqlite3.connect(tmp_path / DATABASE_NAME)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
     db.close()
 
 

@@ -20,7 +20,7 @@ ALLOWED = {
 PROJECT = {"proto", "server", "client_sdk", "edge", "tributary"}
 GRPC_FREE = [
     "server/core.py", "server/strategies.py", "server/secagg.py", "server/cohorts.py", "server/config.py", "server/errors.py",
-    "server/auth.py", "server/limits.py", "server/store.py", "server/roster.py", "server/metrics.py",
+    "server/auth.py", "server/limits.py", "server/store.py", "server/roster.py", "server/metrics.py", "server/evaluation.py",
 ]  # fmt: skip
 
 
