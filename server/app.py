@@ -26,7 +26,9 @@ from server.auth import DB_FILE_NAME, AdminCredential, Authorizer, CallGate, Cli
 from server.cohorts import CohortManager
 from server.config import ServerConfig
 from server.core import AggregationCore
+from server.dashboard import job_snapshot, overview
 from server.errors import ConfigError, StateError
+from server.http import HttpEndpoint
 from server.interceptors import AuthInterceptor, InFlight
 from proto.tensors import MAX_MESSAGE_BYTES
 from server.limits import ServerLimits
@@ -60,6 +62,23 @@ class RunningServer:
     """True when this start generated it into <state_dir>/admin.token."""
     uploads: PartialUploads | None = None
     """Interrupted pushes kept for their clients to resume."""
+    http: HttpEndpoint | None = None
+    """The HTTP endpoint (/metrics, the dashboard), with http_address set."""
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    @property
+    def http_address(self) -> str | None:
+        """host:port the HTTP endpoint listens on (the port bound, with port 0)."""
+        return self.http.address if self.http is not None else None
+
+
+def no_metrics() -> tuple[bytes, str]:
+    """Placeholder /metrics body until server/metrics.py lands.
+    LEAD: replace with `metrics.exposition` (ServerMetrics) where running_server builds the endpoint."""
+    return b"", "text/plain; version=0.0.4; charset=utf-8"
 
 
 def load_initial_models(config: ServerConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -154,6 +173,23 @@ def running_server(
         if store is not None:
             store.close()
         raise ConfigError(f"cannot listen on {config.address}: {reason}")
+    endpoint = None
+    if config.http_address is not None:
+        endpoint = HttpEndpoint(
+            config.http_address,
+            metrics=no_metrics,  # LEAD: metrics.exposition once server/metrics.py is merged
+            jobs=lambda: overview(core),
+            job=lambda job_id: job_snapshot(core.job(job_id), cohorts.get(job_id)),
+            admin=admin,
+            tls_files=(str(config.tls.cert_file), str(config.tls.key_file)) if config.tls is not None else None,
+        )
+        try:
+            endpoint.start()  # binds now: a taken port stops the start before anything serves
+        except ConfigError:
+            server.stop(0)
+            if store is not None:
+                store.close()
+            raise
     server.start()
     limits.watchdog.start()
     for service in ("", SERVICE_NAME):
@@ -170,9 +206,11 @@ def running_server(
         yield RunningServer(
             port, f"{host}:{port}", core, server, health_servicer, limits, tls=credentials is not None, recovered=tuple(recovered),
             registry=registry, admin_token_file=admin.source if admin else None, admin_token_generated=admin_generated,
-            uploads=uploads,
+            uploads=uploads, http=endpoint,
         )  # fmt: skip
     finally:
+        if endpoint is not None:
+            endpoint.close()
         in_flight.close()
         health_servicer.enter_graceful_shutdown()
         for manager in cohorts.values():

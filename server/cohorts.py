@@ -71,6 +71,30 @@ class _Cohort:
 
 
 @dataclass(frozen=True)
+class CohortProgress:
+    cohort_id: str
+    phase: str
+    members: int
+    answered: int
+    """Members that answered the current phase (adverts, shares, masked inputs, unmask responses)."""
+    uploaded: int
+    needed: int
+    """Survivors the cohort needs to complete (min_survivors)."""
+    deadline_unix: float
+    """When the current phase closes without the members still missing."""
+    applied_version: int | None
+    abort_reason: str | None
+
+
+@dataclass(frozen=True)
+class CohortsProgress:
+    waiting: int
+    """Clients waiting for a cohort to form."""
+    cohort_size: int
+    cohorts: tuple[CohortProgress, ...]
+
+
+@dataclass(frozen=True)
 class JoinedCohort:
     plan: CohortPlan
     token: bytes
@@ -380,6 +404,38 @@ class CohortManager:
         with self._lock:
             cohort = self._cohorts.get(cohort_id)
         return masked_dtype(cohort.coordinator.fixed_point.bits if cohort is not None else 32)
+
+    def progress(self) -> CohortsProgress:
+        """What the cohorts in memory are doing (the dashboard): each one's
+        phase, its members and how many answered the phase, its deadline."""
+        now_mono, now_unix = self._clock(), time.time()
+        with self._lock:
+            waiting = len(self._waiting)
+            cohorts = list(self._cohorts.items())
+        rows = []
+        for cohort_id, cohort in cohorts:
+            with cohort.lock:  # taken after the manager's lock is let go: a busy cohort never stalls joins
+                coordinator = cohort.coordinator
+                answered = {
+                    Phase.ADVERTISE_KEYS: len(coordinator._adverts),
+                    Phase.SHARE_KEYS: len(coordinator._sealed),
+                    Phase.MASKED_INPUT: len(coordinator._inputs),
+                    Phase.UNMASKING: len(coordinator._responses),
+                }
+                rows.append(
+                    CohortProgress(
+                        cohort_id=cohort_id,
+                        phase=coordinator.phase.value,
+                        members=len(coordinator.members),
+                        answered=answered.get(coordinator.phase, 0),
+                        uploaded=len(coordinator._inputs),
+                        needed=coordinator.min_survivors,
+                        deadline_unix=now_unix + (cohort.deadline - now_mono),
+                        applied_version=cohort.applied_version,
+                        abort_reason=coordinator.abort_reason,
+                    )
+                )
+        return CohortsProgress(waiting=waiting, cohort_size=self.config.cohort_size, cohorts=tuple(rows))
 
     def cohort_phases(self) -> dict[str, str]:
         with self._lock:

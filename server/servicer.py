@@ -161,11 +161,13 @@ class TributaryServicer(pb_grpc.TributaryServicer):
 
     def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushAck:
         job: Job | None = None
-        with _status_on_error(context, lambda reason: job.note_rejection(reason) if job else None):
+        client_id = ""
+        with _status_on_error(context, lambda reason, message: job.note_rejection(reason, client_id, message) if job else None):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "update":
                 raise InvalidUpdate("a push stream must start with an `update` header message")
             message = first.update
+            client_id = message.client_id
             self._authorize(context, message.job_id, message.client_id)
             job = self._core.job(message.job_id)
             _check_id("client_id", message.client_id)
@@ -464,12 +466,13 @@ def status_code_for(error: BaseException) -> grpc.StatusCode | None:
 
 
 @contextlib.contextmanager
-def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[str], None] | None = None) -> Iterator[None]:
+def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[str, str], None] | None = None) -> Iterator[None]:
+    """Turn a refusal into its status; `on_reject(kind, message)` notes it first."""
     try:
         yield
     except _REFUSALS as error:
         if on_reject is not None and status_code_for(error) is not None:
-            on_reject(type(error).__name__)
+            on_reject(type(error).__name__, str(error))
         abort_with_error(context, error)
 
 
