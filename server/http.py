@@ -86,7 +86,7 @@ class HttpEndpoint:
         self._admin = admin
         self._tls_files = tls_files
         self._assets = {name: _static(name) for name in STATIC_TYPES}
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -105,7 +105,7 @@ class HttpEndpoint:
     def start(self) -> None:
         host, _, port = self._address.rpartition(":")
         host = host.strip("[]")
-        server_class = _Server6 if ":" in host else ThreadingHTTPServer
+        server_class = _Server6 if ":" in host else _Server
         try:
             server = server_class((host, int(port)), self._handler_class())
         except OSError as error:
@@ -121,7 +121,6 @@ class HttpEndpoint:
             # the handshake runs in the request's thread (on its first read), so a
             # client that stalls it holds up only its own connection
             server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-        server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="tributary-http", daemon=True)
         self._thread.start()
@@ -152,7 +151,16 @@ class HttpEndpoint:
         return scheme.lower() == "bearer" and self._admin.matches(token.strip() or None)
 
 
-class _Server6(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that hung up, spoke plaintext to HTTPS or failed its handshake:
+        # its own business, not a traceback on the server's stderr
+        logger.debug("HTTP request from %s failed", client_address, exc_info=True)
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 

@@ -1,0 +1,198 @@
+"""The HTTP endpoint (server/http.py) over real sockets: the dashboard's page,
+assets and JSON API, /metrics, auth with the admin token, HTTPS with the gRPC
+TLS files, and the errors: unknown paths, wrong methods, bad addresses."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from client_sdk import AdminClient, Client, DeviceState, TributaryError
+from server import ConfigError, JobConfig, ServerConfig, StrategyConfig, TLSConfig
+from server.app import RunningServer, running_server
+from server.certs import Layout, write_layout
+from tests.conftest import small_model
+
+ADMIN_TOKEN = "trb_admin_" + "w" * 40
+FEDBUFF_1 = StrategyConfig(name="fedbuff", buffer_size=1)
+
+
+def delta(scale: float = 0.01) -> dict[str, np.ndarray]:
+    return {name: np.full(t.shape, scale, dtype=t.dtype) for name, t in small_model().items()}
+
+
+def get(url: str, *, token: str | None = None, method: str = "GET", context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, method=method)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        with error:  # an unclosed one warns when collected (and warnings fail tests)
+            return error.code, dict(error.headers), error.read()
+
+
+def get_json(url: str, **kwargs: Any) -> tuple[int, Any]:
+    status, headers, body = get(url, **kwargs)
+    assert headers["Content-Type"] == "application/json", (status, body)
+    return status, json.loads(body)
+
+
+def base(running: RunningServer, scheme: str = "http") -> str:
+    assert running.http_address is not None
+    return f"{scheme}://{running.http_address}"
+
+
+def test_routes_serve_the_page_assets_api_and_metrics(serve: Callable[..., RunningServer]) -> None:
+    running = serve(JobConfig(job_id="digits", strategy=FEDBUFF_1, max_staleness=0), JobConfig(job_id="other"), http_address="127.0.0.1:0")
+    assert running.http_port and running.http_address == f"127.0.0.1:{running.http_port}"
+    with Client(running.address, job="digits", client_id="phone-1", insecure=True) as client:
+        client.heartbeat("training", base_version=0, device=DeviceState(battery_level=0.42, charging=True, idle=True, unmetered=False, profile="pixel"))
+        for _ in range(3):
+            client.push(client.pull().version, delta())
+        with pytest.raises(TributaryError):
+            client.push(0, delta())  # 3 versions stale, above max_staleness=0
+    url = base(running)
+
+    status, headers, page = get(url + "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b'id="model-version"' in page and b"/static/dashboard.js" in page
+    for name, kind in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+        status, headers, body = get(f"{url}/static/{name}")
+        assert status == 200 and headers["Content-Type"].startswith(kind) and len(body) > 500
+    status, headers, body = get(url + "/static/dashboard.js", method="HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 500
+
+    status, jobs = get_json(url + "/api/jobs")
+    assert status == 200 and [(j["job_id"], j["version"]) for j in jobs["jobs"]] == [("digits", 3), ("other", 0)]
+
+    status, job = get_json(url + "/api/jobs/digits")
+    assert status == 200
+    assert job["version"] == 3 and [v for v, _ in job["versions"]] == [0, 1, 2, 3]
+    assert job["staleness"] == [[0, 3]]
+    assert job["counters"]["updates_accepted"] == 3 and job["counters"]["rejected"] == 1
+    assert job["update_rate"]["per_second"]["10"] == pytest.approx(3 / 10)
+    assert job["evaluations"] == [] and job["cohorts"] is None and job["slots"] is None
+    (client_row,) = job["roster"]["clients"]
+    assert client_row["client_id"] == "phone-1" and client_row["state"] == "training" and client_row["updates_accepted"] == 3
+    assert client_row["device"] == {"profile": "pixel", "battery_level": 0.42, "charging": True, "idle": True, "unmetered": False}
+    (rejection,) = job["rejections"]["recent"]
+    assert rejection["client_id"] == "phone-1" and rejection["reason"].startswith("StaleUpdate: ") and "stale" in rejection["reason"]
+    assert job["rejections"]["by_reason"] == {"StaleUpdate": 1}
+
+    status, headers, body = get(url + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    status, health = get_json(url + "/healthz")
+    assert status == 200 and health == {"status": "ok"}
+
+
+def test_unknown_paths_and_jobs_are_404_and_other_methods_405(serve: Callable[..., RunningServer]) -> None:
+    running = serve(http_address="127.0.0.1:0")
+    url = base(running)
+    status, error = get_json(url + "/api/jobs/nope")
+    assert status == 404 and "no job 'nope'" in error["error"] and "default" in error["error"]
+    for path in ("/nope", "/static/../server/auth.py", "/static/secret.txt", "/api/jobs/a/b", "/api"):
+        status, error = get_json(url + path)
+        assert status == 404 and "no such path" in error["error"], path
+    for method in ("POST", "PUT", "DELETE"):
+        status, headers, body = get(url + "/api/jobs", method=method)
+        assert status == 405 and headers["Allow"] == "GET, HEAD" and f"{method} is not supported" in json.loads(body)["error"]
+    status, _, _ = get(url + "/nope", method="POST")
+    assert status == 404
+    # the server still serves
+    assert get_json(url + "/api/jobs")[0] == 200
+
+
+@pytest.fixture
+def auth_running(tmp_path: Path) -> Any:
+    token_file = tmp_path / "admin.secret"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    token_file.chmod(0o600)
+    config = ServerConfig(
+        address="127.0.0.1:0", state_dir=tmp_path / "state", auth=True, admin_token_file=token_file, insecure=True, http_address="127.0.0.1:0"
+    )
+    with running_server(config, {"default": small_model()}, grace_s=0.5) as running:
+        yield running
+
+
+def test_with_auth_every_data_route_needs_the_admin_token(auth_running: RunningServer) -> None:
+    url = base(auth_running)
+    with AdminClient(auth_running.address, ADMIN_TOKEN, insecure=True) as admin:
+        client_token = admin.enrol("c1", ["default"]).token
+    for path in ("/api/jobs", "/api/jobs/default", "/api/jobs/unknown-job", "/metrics"):
+        for token in (None, "wrong-" + "x" * 40, client_token, ADMIN_TOKEN + "x"):
+            status, headers, body = get(url + path, token=token)
+            assert status == 401, (path, token)
+            assert headers["WWW-Authenticate"].startswith("Bearer")
+            assert json.loads(body)["error"].startswith("the admin token is required")
+            assert b"default" not in body and b"version" not in body
+    request = urllib.request.Request(url + "/api/jobs", headers={"Authorization": f"Basic {ADMIN_TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    with caught.value:
+        assert caught.value.code == 401
+    # the page itself loads: it asks for the token in a form
+    status, _, page = get(url + "/")
+    assert status == 200 and b'id="login-form"' in page
+    status, jobs = get_json(url + "/api/jobs", token=ADMIN_TOKEN)
+    assert status == 200 and jobs["jobs"] == [{"job_id": "default", "version": 0, "strategy": "fedbuff"}]
+    assert get_json(url + "/api/jobs/unknown-job", token=ADMIN_TOKEN)[0] == 404
+    assert get(url + "/metrics", token=ADMIN_TOKEN)[0] == 200
+
+
+def test_https_with_the_grpc_tls_files(serve: Callable[..., RunningServer], tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "certs")
+    write_layout(layout.root)
+    running = serve(tls=TLSConfig(layout.server_cert, layout.server_key), http_address="127.0.0.1:0")
+    context = ssl.create_default_context(cafile=str(layout.ca_cert))
+    status, job = get_json(base(running, "https") + "/api/jobs/default", context=context)
+    assert status == 200 and job["version"] == 0
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext is not answered
+        get(base(running) + "/api/jobs")
+
+
+@pytest.mark.parametrize("address", ["nope", "127.0.0.1", "127.0.0.1:99999", "127.0.0.1:http", ":80", 8080])
+def test_a_bad_http_address_is_a_config_error_naming_it(address: object) -> None:
+    with pytest.raises(ConfigError, match="http_address"):
+        ServerConfig(insecure=True, http_address=address)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="http_address"):
+        ServerConfig.from_mapping({"insecure": True, "http_address": address})
+
+
+def test_an_http_port_in_use_stops_the_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = ServerConfig(address="127.0.0.1:0", insecure=True, state_dir=tmp_path / "state", http_address=f"127.0.0.1:{port}")
+        with pytest.raises(ConfigError, match=f"cannot listen on http_address 127.0.0.1:{port}"):
+            with running_server(config, {"default": small_model()}):
+                pytest.fail("the server started with its HTTP port taken")
+    # nothing was left half-open: the state directory opens again at once
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, state_dir=tmp_path / "state", http_address="127.0.0.1:0")
+    with running_server(config, {"default": small_model()}, grace_s=0.1) as running:
+        assert get_json(base(running) + "/healthz")[0] == 200
+
+
+def test_without_http_address_there_is_no_endpoint(serve: Callable[..., RunningServer]) -> None:
+    running = serve()
+    assert running.http is None and running.http_port is None and running.http_address is None
+
+
+def test_secure_aggregation_jobs_show_their_cohorts(serve: Callable[..., RunningServer]) -> None:
+    from server.config import SecAggConfig
+
+    running = serve(JobConfig(job_id="s", secure_aggregation=SecAggConfig(cohort_size=3)), http_address="127.0.0.1:0")
+    status, job = get_json(base(running) + "/api/jobs/s")
+    assert status == 200 and job["secure_aggregation"] is True
+    assert job["cohorts"] == {"waiting": 0, "cohort_size": 3, "aborted_by_reason": {}, "live": []}
