@@ -215,9 +215,9 @@ function barChart(svg, counts) {
   if (counts.length === 0) return empty(svg, box, "no updates accepted yet");
   const maxStaleness = counts[counts.length - 1][0];
   const maxCount = Math.max(...counts.map((c) => c[1]));
-  const slots = maxStaleness + 1;
+  const slots = Math.max(maxStaleness + 1, 10);  // a lone bar stays a bar, not a wall
   const slotWidth = (box.width - box.left - box.right) / slots;
-  axes(svg, box, 0, maxStaleness, 0, maxCount, (x) => String(x), (y) => y.toFixed(0));
+  axes(svg, box, 0, slots - 1, 0, maxCount, (x) => String(x), (y) => y.toFixed(0));
   for (const [staleness, count] of counts) {
     const h = (count / maxCount) * (box.height - box.top - box.bottom);
     svg.appendChild(svgEl("rect", {
