@@ -188,6 +188,7 @@ def _cohorts(manager: CohortManager | None, aborted: Mapping[str, int]) -> JSON 
                 "cohort_id": c.cohort_id,
                 "phase": c.phase,
                 "members": c.members,
+                "expected": c.expected,
                 "answered": c.answered,
                 "uploaded": c.uploaded,
                 "needed": c.needed,

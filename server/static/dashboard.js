@@ -149,8 +149,8 @@ function renderCohorts(cohorts, now) {
   if (!cohorts) return;
   $("cohort-waiting").textContent = `${cohorts.waiting} waiting to form a cohort of ${cohorts.cohort_size}`;
   $("cohorts").replaceChildren(...cohorts.live.map((c) => cells(null, [
-    c.cohort_id, c.phase.replace("_", " "), `${c.answered} / ${c.members}`, c.uploaded, c.needed, c.members,
-    c.phase === "completed" || c.phase === "aborted" ? "" : "in " + Math.max(0, c.deadline - now).toFixed(0) + " s",
+    c.cohort_id, c.phase.replace("_", " "), c.deadline === null ? "" : `${c.answered} / ${c.expected}`, c.uploaded, c.needed, c.members,
+    c.deadline === null ? "" : "in " + Math.max(0, c.deadline - now).toFixed(0) + " s",
     c.applied_version !== null ? "version " + c.applied_version : c.abort_reason || "",
   ])));
 }

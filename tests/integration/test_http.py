@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -17,9 +19,11 @@ import numpy as np
 import pytest
 
 from client_sdk import AdminClient, Client, DeviceState, TributaryError
+from client_sdk._secure import SecureRound
 from server import ConfigError, JobConfig, ServerConfig, StrategyConfig, TLSConfig
 from server.app import RunningServer, running_server
 from server.certs import Layout, write_layout
+from server.config import SecAggConfig
 from tests.conftest import small_model
 
 ADMIN_TOKEN = "trb_admin_" + "w" * 40
@@ -189,10 +193,87 @@ def test_without_http_address_there_is_no_endpoint(serve: Callable[..., RunningS
     assert running.http is None and running.http_port is None and running.http_address is None
 
 
-def test_secure_aggregation_jobs_show_their_cohorts(serve: Callable[..., RunningServer]) -> None:
-    from server.config import SecAggConfig
+SECURE_MODEL = {"w": np.zeros(6, np.float32), "b": np.zeros(2, np.float32)}
 
-    running = serve(JobConfig(job_id="s", secure_aggregation=SecAggConfig(cohort_size=3)), http_address="127.0.0.1:0")
-    status, job = get_json(base(running) + "/api/jobs/s")
-    assert status == 200 and job["secure_aggregation"] is True
-    assert job["cohorts"] == {"waiting": 0, "cohort_size": 3, "aborted_by_reason": {}, "live": []}
+
+def poll_job(url: str, until: Callable[[Any], bool], *, what: str, wait_s: float = 60.0) -> Any:
+    """GET the job snapshot until `until(snapshot)` holds (no timing asserted:
+    the wait is only a bound on a hang)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        status, job = get_json(url)
+        assert status == 200, job
+        if until(job):
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"the snapshot never showed {what}; last: {job['cohorts']}")
+        time.sleep(0.05)
+
+
+def test_a_secure_cohort_shows_its_phase_and_members_then_counts_as_applied(serve: Callable[..., RunningServer]) -> None:
+    """Real SDK members (client_sdk's SecureRound): two wait for a cohort of
+    three (the forming timeout is far off), the third forms it; after key
+    setup it sits in masked_input while two of three uploaded; the last upload
+    completes it and the snapshot shows the version it went into."""
+    secagg = SecAggConfig(cohort_size=3, forming_timeout_s=600.0, phase_timeout_s=300.0, upload_timeout_s=300.0, clip_bound=64.0)
+    running = serve(JobConfig(secure_aggregation=secagg), models={"default": SECURE_MODEL}, http_address="127.0.0.1:0")
+    url = base(running) + "/api/jobs/default"
+    clients = [Client(running.address, insecure=True, client_id=f"m{i}") for i in range(3)]
+    rounds = [SecureRound(client) for client in clients]
+    receipts: dict[int, Any] = {}
+    uploads: list[threading.Thread] = []
+
+    def submit(index: int) -> None:
+        try:
+            receipts[index] = rounds[index].submit(0, np.full(8, 0.1 * (index + 1), np.float32), 10)
+        except Exception as error:  # kept for the test to report
+            receipts[index] = error
+
+    try:
+        job = get_json(url)[1]
+        assert job["secure_aggregation"] is True
+        assert job["cohorts"] == {"waiting": 0, "cohort_size": 3, "aborted_by_reason": {}, "live": []}
+        rounds[0].start()
+        rounds[1].start()
+        job = poll_job(url, lambda j: j["cohorts"]["waiting"] == 2, what="two clients waiting")
+        assert job["cohorts"]["live"] == []
+
+        rounds[2].start()  # the third arrival forms the cohort
+        for secure_round in rounds:
+            assert secure_round._setup is not None
+            secure_round._setup.join(60)
+            assert not secure_round._setup.is_alive() and secure_round._setup_error is None, secure_round._setup_error
+        job = get_json(url)[1]
+        (cohort,) = job["cohorts"]["live"]
+        assert job["cohorts"]["waiting"] == 0 and job["version"] == 0
+        assert cohort["phase"] == "masked_input"  # keys advertised and shared by all three: members train now
+        assert (cohort["members"], cohort["expected"], cohort["answered"], cohort["uploaded"]) == (3, 3, 0, 0)
+        assert cohort["needed"] == secagg.survivors_needed_for(3)
+        assert cohort["deadline"] > job["server_time"] and cohort["applied_version"] is None and cohort["abort_reason"] is None
+
+        uploads = [threading.Thread(target=submit, args=(i,)) for i in (0, 1)]
+        for thread in uploads:
+            thread.start()
+        job = poll_job(url, lambda j: j["cohorts"]["live"][0]["uploaded"] == 2, what="two masked inputs")
+        (cohort,) = job["cohorts"]["live"]
+        assert (cohort["phase"], cohort["expected"], cohort["answered"]) == ("masked_input", 3, 2)
+        assert job["version"] == 0 and job["counters"]["cohorts_applied"] == 0
+
+        submit(2)
+        for thread in uploads:
+            thread.join(60)
+        assert all(not isinstance(receipts[i], Exception) and receipts[i].version == 1 for i in range(3)), receipts
+        job = get_json(url)[1]
+        (cohort,) = job["cohorts"]["live"]  # an ended cohort stays listed until it is pruned
+        assert job["version"] == 1 and [v for v, _ in job["versions"]] == [0, 1]
+        assert job["counters"]["cohorts_applied"] == 1 and job["counters"]["cohorts_aborted"] == 0
+        assert job["counters"]["updates_accepted"] == 3
+        assert cohort["phase"] == "completed" and cohort["applied_version"] == 1
+        # the masked inputs were freed once summed: the count survives, nothing is awaited
+        assert (cohort["uploaded"], cohort["expected"], cohort["deadline"]) == (3, 0, None)
+        assert job["cohorts"]["aborted_by_reason"] == {}
+    finally:
+        for thread in uploads:
+            thread.join(60)
+        for client in clients:
+            client.close()
