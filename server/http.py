@@ -22,7 +22,12 @@ certificate and key; client certificates are not asked for (browsers seldom
 have one; the admin token is the credential here).
 
 The standard library's ThreadingHTTPServer, in a daemon thread: a dashboard
-and a scraper make a few requests a second, which needs no framework.
+and a scraper make a few requests a second, which needs no framework. Bad
+input never takes it down: each connection has its own thread, a read timeout
+(REQUEST_TIMEOUT_S) and a place among MAX_CONNECTIONS (beyond them a new
+connection gets 503 at once); every error, the parser's included, is a JSON
+body {"error", "status"}; a failure inside a route is logged with its
+traceback and answered 500.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import http
 import json
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -58,7 +64,17 @@ STATIC_TYPES = {
 """The assets served from server/static/, by name: nothing else is read from disk."""
 ALLOWED_METHODS = "GET, HEAD"
 REQUEST_TIMEOUT_S = 30.0
-"""A connection that sends nothing (or stalls the TLS handshake) this long is closed."""
+"""A connection whose next read (request line, a header, the TLS handshake) or
+write stalls this long is closed."""
+MAX_CONNECTIONS = 64
+"""Connections served at once (one thread each); more are refused with 503
+until one ends, so stalled clients cannot pile up threads."""
+MAX_SHOWN_PATH = 200
+"""Characters of a request's path echoed back in an error message."""
+BUSY_RESPONSE = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+    b'{"error": "the dashboard endpoint is serving its maximum number of connections; retry shortly", "status": 503}'
+)
 
 
 def _static(name: str) -> bytes:
@@ -78,6 +94,8 @@ class HttpEndpoint:
         job: JobView,
         admin: AdminCredential | None,
         tls_files: tuple[str, str] | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self._address = address
         self._metrics = metrics
@@ -85,6 +103,8 @@ class HttpEndpoint:
         self._job = job
         self._admin = admin
         self._tls_files = tls_files
+        self._max_connections = max_connections
+        self._request_timeout_s = request_timeout_s
         self._assets = {name: _static(name) for name in STATIC_TYPES}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -107,7 +127,7 @@ class HttpEndpoint:
         host = host.strip("[]")
         server_class = _Server6 if ":" in host else _Server
         try:
-            server = server_class((host, int(port)), self._handler_class())
+            server = server_class((host, int(port)), self._handler_class(), max_connections=self._max_connections)
         except OSError as error:
             raise ConfigError(f"cannot listen on http_address {self._address} (--http-address): {error.strerror or error}") from error
         if self._tls_files is not None:
@@ -139,6 +159,7 @@ class HttpEndpoint:
 
         class Handler(_Handler):
             owner = endpoint
+            timeout = endpoint._request_timeout_s
 
         return Handler
 
@@ -153,6 +174,42 @@ class HttpEndpoint:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    block_on_close = False
+    """close() does not wait for connections still open (a stalled one would
+    hold the server's shutdown for REQUEST_TIMEOUT_S)."""
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, max_connections: int) -> None:
+        self._connection_slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # runs on the accept loop: it must never block
+        if not self._connection_slots.acquire(blocking=False):
+            self._refuse_busy(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: give the slot back
+            self._connection_slots.release()
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_slots.release()
+
+    def _refuse_busy(self, request: socket.socket, client_address: Any) -> None:
+        logger.warning("HTTP endpoint at its limit of connections: refused one from %s", client_address)
+        try:
+            if not isinstance(request, ssl.SSLSocket):  # a TLS reply would need a handshake, which may block
+                request.setblocking(False)
+                request.send(BUSY_RESPONSE)  # a few hundred bytes fit a fresh socket's buffer
+        except OSError:
+            pass  # best effort: the client gets the close
+        finally:
+            self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # a client that hung up, spoke plaintext to HTTPS or failed its handshake:
@@ -169,6 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "tributary"
     sys_version = ""
     timeout = REQUEST_TIMEOUT_S
+    _responded = False
+    """Whether this request's status line went out (a failure after it cannot become a 500)."""
 
     def do_GET(self) -> None:
         self._serve(head=False)
@@ -176,17 +235,49 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._serve(head=True)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The parser's errors (overlong request line or header, bad request
+        line, unknown method) in the same JSON shape as ours."""
+        status = http.HTTPStatus(code)
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            # the parser's default while it could not read a version: HTTP/0.9
+            # answers have no status line, and the client would get a bare body
+            self.request_version = "HTTP/1.0"
+        text = message or status.phrase
+        if explain and explain != text:
+            text = f"{text}: {explain}"
+        self._error(status, text, head=self.command == "HEAD", extra={"Connection": "close"})
+
     def _refuse_method(self) -> None:
-        path = urlsplit(self.path).path
+        path = _request_path(self.path)
         if not _known(path):
-            self._error(http.HTTPStatus.NOT_FOUND, f"no such path {path!r}; see / for the dashboard, /metrics, /api/jobs")
+            self._error(http.HTTPStatus.NOT_FOUND, f"no such path {_shown(path)}; see / for the dashboard, /metrics, /api/jobs")
             return
         self._error(http.HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not supported on {path}; use GET", allow=ALLOWED_METHODS)
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method
 
     def _serve(self, *, head: bool) -> None:
-        path = unquote(urlsplit(self.path).path)
+        path = _request_path(self.path)
+        try:
+            self._route(path, head=head)
+        except Exception as error:
+            if isinstance(error, OSError) and self._responded:
+                logger.debug("HTTP client %s left while %s was sent", self.address_string(), _shown(path), exc_info=True)
+                return
+            logger.exception("HTTP %s %s failed", self.command, _shown(path))
+            if self._responded:  # too late for a status: the client sees the connection close
+                self.close_connection = True
+                return
+            detail = f"{type(error).__name__}: {error}"[:MAX_SHOWN_PATH]
+            self._error(
+                http.HTTPStatus.INTERNAL_SERVER_ERROR,
+                f"internal error while serving {_shown(path)} ({detail}); the server logged the traceback",
+                head=head,
+            )
+
+    def _route(self, path: str, *, head: bool) -> None:
         if path.startswith("/api/") or path == "/api" or path == "/metrics":
             if not self.owner.authorized(self.headers.get("Authorization")):
                 self._error(
@@ -215,13 +306,17 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/healthz":
             self._json({"status": "ok"}, head=head)
         else:
-            self._error(http.HTTPStatus.NOT_FOUND, f"no such path {path!r}; see / for the dashboard, /metrics, /api/jobs", head=head)
+            self._error(http.HTTPStatus.NOT_FOUND, f"no such path {_shown(path)}; see / for the dashboard, /metrics, /api/jobs", head=head)
 
     def _asset(self, name: str, *, head: bool) -> None:
         self._send(http.HTTPStatus.OK, self.owner._assets[name], STATIC_TYPES[name], head=head)
 
     def _json(self, value: object, *, head: bool) -> None:
-        self._send(http.HTTPStatus.OK, json.dumps(value, allow_nan=False).encode(), "application/json", head=head)
+        try:
+            body = json.dumps(value, allow_nan=False)
+        except ValueError:  # a NaN or infinity (a diverged model's loss): JSON has no such number
+            body = json.dumps(_finite(value), allow_nan=False)
+        self._send(http.HTTPStatus.OK, body.encode(), "application/json", head=head)
 
     def _error(
         self, status: http.HTTPStatus, message: str, *, head: bool = False, allow: str | None = None, extra: dict[str, str] | None = None
@@ -233,6 +328,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, "application/json", head=head, headers=headers)
 
     def _send(self, status: http.HTTPStatus, body: bytes, content_type: str, *, head: bool, headers: dict[str, str] | None = None) -> None:
+        self._responded = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -247,6 +343,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         logger.debug("%s %s", self.address_string(), format % args)
+
+
+def _request_path(target: str) -> str:
+    """The request target's path, percent-decoded (bytes that are not UTF-8
+    become U+FFFD); the query string is ignored."""
+    return unquote(urlsplit(target).path, errors="replace")
+
+
+def _shown(path: str) -> str:
+    """`path` as an error message quotes it: repr'd and cut to MAX_SHOWN_PATH."""
+    return repr(path) if len(path) <= MAX_SHOWN_PATH else f"{path[:MAX_SHOWN_PATH]!r}... ({len(path)} characters)"
+
+
+def _finite(value: object) -> object:
+    """`value` with every NaN or infinite float replaced by None (JSON null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _known(path: str) -> bool:

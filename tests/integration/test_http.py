@@ -5,6 +5,7 @@ TLS files, and the errors: unknown paths, wrong methods, bad addresses."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -21,9 +22,11 @@ import pytest
 from client_sdk import AdminClient, Client, DeviceState, TributaryError
 from client_sdk._secure import SecureRound
 from server import ConfigError, JobConfig, ServerConfig, StrategyConfig, TLSConfig
-from server.app import RunningServer, running_server
+from server.app import RunningServer, no_metrics, running_server
 from server.certs import Layout, write_layout
 from server.config import SecAggConfig
+from server.dashboard import job_snapshot, overview
+from server.http import HttpEndpoint
 from tests.conftest import small_model
 
 ADMIN_TOKEN = "trb_admin_" + "w" * 40
@@ -277,3 +280,175 @@ def test_a_secure_cohort_shows_its_phase_and_members_then_counts_as_applied(serv
             thread.join(60)
         for client in clients:
             client.close()
+
+
+# -- bad input: the endpoint answers every odd request in JSON and keeps serving ---------
+
+
+def raw(address: str, data: bytes, *, timeout_s: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """Send `data` as is on a fresh connection; (status, headers, body) of the
+    answer, read until the server closes (it speaks HTTP/1.0)."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+        connection.sendall(data)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    return int(status_line.split()[1]), headers, body
+
+
+def endpoint_for(running: RunningServer, **settings: Any) -> HttpEndpoint:
+    """A second endpoint over the running server's real views, with `settings`
+    (timeouts, limits, views) a test needs; closed by the caller."""
+    views: dict[str, Any] = {
+        "metrics": no_metrics,
+        "jobs": lambda: overview(running.core),
+        "job": lambda job_id: job_snapshot(running.core.job(job_id)),
+        "admin": None,
+    }
+    views.update(settings)
+    endpoint = HttpEndpoint("127.0.0.1:0", **views)
+    endpoint.start()
+    return endpoint
+
+
+def test_odd_requests_get_json_errors_and_the_endpoint_keeps_serving(serve: Callable[..., RunningServer]) -> None:
+    running = serve(http_address="127.0.0.1:0")
+    address = running.http_address
+    assert address is not None
+    url = base(running)
+
+    def expect_error(request: bytes, status: int, fragment: str) -> None:
+        code, headers, body = raw(address, request)
+        assert (code, headers["Content-Type"]) == (status, "application/json"), (request[:80], code, body[:200])
+        error = json.loads(body)
+        assert error["status"] == status and fragment in error["error"], error
+        assert len(body) < 1000, "the message echoes at most a bounded part of the request"
+
+    expect_error(b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n\r\n", 414, "Request-URI Too Long")
+    expect_error(b"GET /" + b"a" * 10_000 + b" HTTP/1.0\r\n\r\n", 404, "(10001 characters)")
+    expect_error(b"GET / HTTP/1.0\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n", 431, "Line too long")
+    expect_error(b"GET / HTTX/1.0\r\n\r\n", 400, "Bad request version")
+    expect_error(b"BREW /api/jobs HTTP/1.0\r\n\r\n", 501, "Unsupported method ('BREW')")
+    # bytes that are not UTF-8, raw or percent-encoded: an unknown job, not a crash
+    expect_error(b"GET /api/jobs/\xff\xfe HTTP/1.0\r\n\r\n", 404, "no job")
+    expect_error(b"GET /api/jobs/%ff%fe HTTP/1.0\r\n\r\n", 404, "no job '\ufffd\ufffd'")
+    expect_error(b"GET /%ff HTTP/1.0\r\n\r\n", 404, "no such path '/\ufffd'")
+    # query strings are ignored
+    assert get_json(url + "/api/jobs?since=3&x")[0] == 200
+    assert get_json(url + "/api/jobs/default?x=%ff")[1]["job_id"] == "default"
+    assert get(url + "/?token=abc")[0] == 200
+    # HEAD: the GET's status and headers, no body, errors included
+    status, headers, body = get(url + "/api/jobs/default", method="HEAD")
+    assert (status, body, headers["Content-Type"]) == (200, b"", "application/json") and int(headers["Content-Length"]) > 100
+    status, headers, body = get(url + "/nope", method="HEAD")
+    assert (status, body) == (404, b"") and int(headers["Content-Length"]) > 0
+    code, _, body = raw(address, b"HEAD /\xff HTTP/1.0\r\n\r\n")
+    assert (code, body) == (404, b"")
+    assert get_json(url + "/healthz") == (200, {"status": "ok"})
+
+
+def test_a_stalled_request_is_timed_out_and_holds_up_neither_others_nor_the_shutdown(serve: Callable[..., RunningServer]) -> None:
+    running = serve()
+    endpoint = endpoint_for(running, request_timeout_s=0.5)
+    patient = endpoint_for(running, request_timeout_s=600.0)
+    try:
+        host, port = endpoint.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as stalled:
+            stalled.sendall(b"GET /api/jobs HTTP/1.1\r\nHost: x\r\n")  # headers never end
+            assert get_json(f"http://{endpoint.address}/api/jobs")[0] == 200  # others are served meanwhile
+            assert stalled.recv(1024) == b""  # the server hung up on it (the read timeout; 30 s would fail here)
+        assert get_json(f"http://{endpoint.address}/healthz")[0] == 200
+        # closing waits for no stalled connection (even one with a long timeout)
+        host, port = patient.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as stalled:
+            stalled.sendall(b"GET / HTTP/1.1\r\n")
+            assert get(f"http://{patient.address}/healthz")[0] == 200
+            closing = threading.Thread(target=patient.close)
+            closing.start()
+            closing.join(30)
+            assert not closing.is_alive(), "close() waited on a stalled connection"
+    finally:
+        endpoint.close()
+        patient.close()
+
+
+def test_connections_beyond_the_limit_get_503_at_once_and_their_slots_come_back(serve: Callable[..., RunningServer]) -> None:
+    running = serve()
+    endpoint = endpoint_for(running, max_connections=3, request_timeout_s=600.0)
+    host, port = endpoint.address.rsplit(":", 1)
+    holders = [socket.create_connection((host, int(port)), timeout=30) for _ in range(3)]
+    try:
+        # accepted in order after the three holders, which each hold a slot (sending nothing)
+        with socket.create_connection((host, int(port)), timeout=30) as extra:
+            answer = b""
+            while chunk := extra.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 503 ") and b"Retry-After: 1" in head
+        assert json.loads(body) == {"error": "the dashboard endpoint is serving its maximum number of connections; retry shortly", "status": 503}
+    finally:
+        for holder in holders:
+            holder.close()
+    # their threads see the close and give the slots back
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if get(f"http://{endpoint.address}/healthz")[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() < deadline, "the slots never came back"
+        time.sleep(0.05)
+    # many concurrent requests within the limit all succeed
+    endpoint.close()
+    endpoint = endpoint_for(running, max_connections=64)
+    try:
+        answers: list[int] = []
+        threads = [threading.Thread(target=lambda: answers.append(get(f"http://{endpoint.address}/api/jobs/default")[0])) for _ in range(32)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert answers == [200] * 32
+    finally:
+        endpoint.close()
+
+
+def test_a_failing_view_is_a_logged_500_and_the_endpoint_keeps_serving(serve: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture) -> None:
+    running = serve()
+
+    def broken_snapshot(job_id: str) -> dict[str, Any]:
+        raise RuntimeError(f"snapshot of {job_id} broke")
+
+    def broken_metrics() -> tuple[bytes, str]:
+        raise KeyError("gauge")
+
+    endpoint = endpoint_for(running, job=broken_snapshot, metrics=broken_metrics)
+    url = f"http://{endpoint.address}"
+    try:
+        with caplog.at_level(logging.ERROR, logger="tributary.server.http"):
+            status, error = get_json(url + "/api/jobs/default")
+            assert status == 500 and error["status"] == 500
+            assert error["error"] == (
+                "internal error while serving '/api/jobs/default' (RuntimeError: snapshot of default broke); the server logged the traceback"
+            )
+            status, _, body = get(url + "/metrics", method="HEAD")
+            assert (status, body) == (500, b"")
+        failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert [r.getMessage() for r in failures] == ["HTTP GET '/api/jobs/default' failed", "HTTP HEAD '/metrics' failed"]
+        assert all(r.exc_info is not None for r in failures)
+        assert get_json(url + "/api/jobs")[0] == 200 and get_json(url + "/healthz")[0] == 200
+    finally:
+        endpoint.close()
+
+
+def test_a_nan_metric_is_sent_as_null(serve: Callable[..., RunningServer]) -> None:
+    running = serve(http_address="127.0.0.1:0")
+    # a diverged model's loss, as the evaluator records it
+    running.core.job("default").read_stats(lambda stats: stats.evaluations.append((0, time.time(), {"accuracy": 0.1, "loss": float("nan")})))
+    status, job = get_json(base(running) + "/api/jobs/default")
+    assert status == 200 and job["evaluations"][0]["metrics"] == {"accuracy": 0.1, "loss": None}
