@@ -120,6 +120,15 @@ def _artifacts_dir() -> Path:
     return path
 
 
+def _table(browser: Any, body_id: str) -> list[list[str]]:
+    """The cells of a table body, read in one script call: the page redraws
+    its tables every poll, and rows fetched one by one could go stale midway."""
+    rows: list[list[str]] = browser.execute_script(
+        "return [...document.getElementById(arguments[0]).rows].map((r) => [...r.cells].map((c) => c.textContent))", body_id
+    )
+    return rows
+
+
 def _shown_version(browser: Any) -> int | None:
     text = browser.find_element("id", "model-version").text.strip()
     return int(text) if text.isdigit() else None
@@ -169,3 +178,59 @@ def test_without_the_token_the_page_asks_for_it_and_the_data_routes_refuse(brows
     WebDriverWait(browser, WAIT_S).until(lambda b: b.find_element("id", "login-form").is_displayed())
     assert not browser.find_element("id", "dashboard").is_displayed()
     assert browser.find_element("id", "model-version").text in ("", "–")
+
+
+def test_the_page_shows_a_rejection_and_a_secure_cohort_in_its_phase(browser: Any, tmp_path: Path) -> None:
+    """Two jobs on a server without auth: a stale push to "default" shows in
+    the rejections table with its client and reason; in "secure", three SDK
+    members (client_sdk's SecureRound) set up a cohort's keys, and the cohort
+    panel shows it waiting for their masked inputs."""
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from client_sdk._secure import SecureRound
+    from server.config import SecAggConfig
+
+    secure_model = {"w": np.zeros(6, np.float32), "b": np.zeros(2, np.float32)}
+    secagg = SecAggConfig(cohort_size=3, forming_timeout_s=600.0, phase_timeout_s=300.0, upload_timeout_s=300.0, clip_bound=64.0)
+    config = ServerConfig(
+        address="127.0.0.1:0", state_dir=tmp_path / "state", insecure=True, http_address="127.0.0.1:0",
+        jobs=(
+            JobConfig(job_id="default", strategy=StrategyConfig(name="fedbuff", buffer_size=1), max_staleness=0),
+            JobConfig(job_id="secure", secure_aggregation=secagg),
+        ),
+    )  # fmt: skip
+    with running_server(config, {"default": small_model(), "secure": secure_model}, grace_s=0.5) as running:
+        delta = {name: np.full(t.shape, 0.001, dtype=t.dtype) for name, t in small_model().items()}
+        with Client(running.address, job="default", client_id="late-phone", insecure=True) as client:
+            client.push(client.pull().version, delta)
+            with pytest.raises(TributaryError, match="stale"):
+                client.push(0, delta)  # one version behind, above max_staleness=0
+        members = [Client(running.address, job="secure", client_id=f"member-{i}", insecure=True) for i in range(3)]
+        try:
+            rounds = [SecureRound(member) for member in members]
+            for secure_round in rounds:
+                secure_round.start()
+            for secure_round in rounds:
+                assert secure_round._setup is not None
+                secure_round._setup.join(WAIT_S)
+                assert secure_round._setup_error is None, secure_round._setup_error
+
+            wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.2)
+            browser.get(f"http://{running.http_address}/#default")
+            wait.until(lambda b: "late-phone" in b.find_element("id", "rejections").text)
+            (cells,) = _table(browser, "rejections")
+            assert cells[1] == "late-phone" and cells[2].startswith("StaleUpdate: ") and "stale" in cells[2], cells
+            assert "StaleUpdate: 1" in browser.find_element("id", "rejection-counts").text
+            assert not browser.find_element("id", "cohorts-section").is_displayed()
+
+            Select(browser.find_element("id", "job-select")).select_by_value("secure")
+            wait.until(lambda b: b.find_element("id", "cohorts-section").is_displayed() and b.find_elements("css selector", "#cohorts tr"))
+            (cells,) = _table(browser, "cohorts")
+            assert cells[1] == "masked input" and cells[2] == "0 / 3" and cells[5] == "3", cells
+            assert browser.find_element("id", "cohort-waiting").text == "0 waiting to form a cohort of 3"
+            assert browser.find_element("id", "rejections").text == ""  # the secure job refused nothing
+            screenshot = _artifacts_dir() / "dashboard-cohort.png"
+            assert browser.save_screenshot(str(screenshot)), f"could not write {screenshot}"
+        finally:
+            for member in members:
+                member.close()
