@@ -180,6 +180,9 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, max_connections: int) -> None:
         self._connection_slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._refused = 0
+        """Connections refused since one was last served (warned about once per run of refusals)."""
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -187,6 +190,9 @@ class _Server(ThreadingHTTPServer):
         if not self._connection_slots.acquire(blocking=False):
             self._refuse_busy(request, client_address)
             return
+        if self._refused:
+            logger.warning("HTTP endpoint serving again after refusing %d connection(s) at its limit", self._refused)
+            self._refused = 0
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread started: give the slot back
@@ -201,7 +207,13 @@ class _Server(ThreadingHTTPServer):
             self._connection_slots.release()
 
     def _refuse_busy(self, request: socket.socket, client_address: Any) -> None:
-        logger.warning("HTTP endpoint at its limit of connections: refused one from %s", client_address)
+        if not self._refused:  # once per run of refusals: a flood must not flood the log too
+            logger.warning(
+                "HTTP endpoint at its limit of %d connections: refusing new ones (503) until one ends; first from %s",
+                self._max_connections,
+                client_address,
+            )
+        self._refused += 1
         try:
             if not isinstance(request, ssl.SSLSocket):  # a TLS reply would need a handshake, which may block
                 request.setblocking(False)
