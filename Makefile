@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # CPU build of torch; a GPU user installs a CUDA build instead (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test typecheck bench protos check-protos clean
+.PHONY: demo test browser typecheck bench protos check-protos clean
 
 $(BIN)/tributary: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,14 @@ $(BIN)/tributary: pyproject.toml
 demo: $(BIN)/tributary
 	$(BIN)/tributary demo
 
-test: $(BIN)/tributary
+# the dashboard's browser test drives Debian's chromium; CI runs as root and
+# installs it here, and TRIBUTARY_REQUIRE_BROWSER=1 makes a missing one a failure
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+
+test: $(BIN)/tributary browser
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=10
+	TRIBUTARY_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q --durations=10
 
 bench: $(BIN)/tributary
 	$(BIN)/python -m bench.throughput

@@ -26,8 +26,10 @@ from server.auth import DB_FILE_NAME, AdminCredential, Authorizer, CallGate, Cli
 from server.cohorts import CohortManager
 from server.config import ServerConfig
 from server.core import AggregationCore
+from server.dashboard import job_snapshot, overview
 from server.errors import ConfigError, StateError
 from server.evaluation import EvaluationLoop, load_evaluator
+from server.http import HttpEndpoint
 from server.interceptors import AuthInterceptor, InFlight
 from proto.tensors import MAX_MESSAGE_BYTES
 from server.limits import ServerLimits
@@ -66,6 +68,18 @@ class RunningServer:
     """Interrupted pushes kept for their clients to resume."""
     evaluations: Mapping[str, EvaluationLoop] = field(default_factory=dict)
     """The server-side evaluator of each job that has one, by job id."""
+    http: HttpEndpoint | None = None
+    """The HTTP endpoint (/metrics, the dashboard), with http_address set."""
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    @property
+    def http_address(self) -> str | None:
+        """host:port the HTTP endpoint listens on (the port bound, with port 0)."""
+        return self.http.address if self.http is not None else None
+
 
 
 def load_initial_models(config: ServerConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -174,6 +188,23 @@ def running_server(
         if store is not None:
             store.close()
         raise ConfigError(f"cannot listen on {config.address}: {reason}")
+    endpoint = None
+    if config.http_address is not None:
+        endpoint = HttpEndpoint(
+            config.http_address,
+            metrics=metrics.exposition,
+            jobs=lambda: overview(core),
+            job=lambda job_id: job_snapshot(core.job(job_id), cohorts.get(job_id)),
+            admin=admin,
+            tls_files=(str(config.tls.cert_file), str(config.tls.key_file)) if config.tls is not None else None,
+        )
+        try:
+            endpoint.start()  # binds now: a taken port stops the start before anything serves
+        except ConfigError:
+            server.stop(0)
+            if store is not None:
+                store.close()
+            raise
     server.start()
     limits.watchdog.start()
     for loop in evaluations.values():
@@ -192,9 +223,11 @@ def running_server(
         yield RunningServer(
             port, f"{host}:{port}", core, server, health_servicer, limits, tls=credentials is not None, metrics=metrics, recovered=tuple(recovered),
             registry=registry, admin_token_file=admin.source if admin else None, admin_token_generated=admin_generated,
-            uploads=uploads, evaluations=evaluations,
+            uploads=uploads, evaluations=evaluations, http=endpoint,
         )  # fmt: skip
     finally:
+        if endpoint is not None:
+            endpoint.close()
         for loop in evaluations.values():
             loop.stop(timeout_s=config.grace_period_s if grace_s is None else grace_s)
         in_flight.close()

@@ -16,7 +16,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -68,6 +68,35 @@ class _Cohort:
 
     def __post_init__(self) -> None:
         self.changed = threading.Condition(self.lock)
+
+
+@dataclass(frozen=True)
+class CohortProgress:
+    cohort_id: str
+    phase: str
+    members: int
+    expected: int
+    """Members the current phase waits for: those still in the cohort (every
+    member while keys are advertised; then only those that answered the phase
+    before); 0 once the cohort ended."""
+    answered: int
+    """Of those, the ones that answered it (adverts, shares, masked inputs, unmask responses)."""
+    uploaded: int
+    """Members whose masked input arrived (kept after the inputs are summed and freed)."""
+    needed: int
+    """Survivors the cohort needs to complete (min_survivors)."""
+    deadline_unix: float | None
+    """When the current phase closes without the members still missing; None once the cohort ended."""
+    applied_version: int | None
+    abort_reason: str | None
+
+
+@dataclass(frozen=True)
+class CohortsProgress:
+    waiting: int
+    """Clients waiting for a cohort to form."""
+    cohort_size: int
+    cohorts: tuple[CohortProgress, ...]
 
 
 @dataclass(frozen=True)
@@ -385,6 +414,47 @@ class CohortManager:
         """Clients waiting for a cohort to form."""
         with self._lock:
             return len(self._waiting)
+
+    def progress(self) -> CohortsProgress:
+        """What the cohorts in memory are doing (the dashboard): each one's
+        phase, its members and how many answered the phase, its deadline."""
+        now_mono, now_unix = self._clock(), time.time()
+        with self._lock:
+            waiting = len(self._waiting)
+            cohorts = list(self._cohorts.items())
+        rows = []
+        for cohort_id, cohort in cohorts:
+            with cohort.lock:  # taken after the manager's lock is let go: a busy cohort never stalls joins
+                rows.append(self._progress_of(cohort_id, cohort, now_mono, now_unix))
+        return CohortsProgress(waiting=waiting, cohort_size=self.config.cohort_size, cohorts=tuple(rows))
+
+    @staticmethod
+    def _progress_of(cohort_id: str, cohort: _Cohort, now_mono: float, now_unix: float) -> CohortProgress:
+        """One cohort's row; call with its lock held."""
+        coordinator = cohort.coordinator
+        phase = coordinator.phase
+        # (who the phase waits for, who answered it): the same sets `_step` closes the phase on
+        waits_on: dict[Phase, tuple[Collection[int], Collection[int]]] = {
+            Phase.ADVERTISE_KEYS: (coordinator.members, coordinator._adverts),
+            Phase.SHARE_KEYS: (coordinator.advertised, coordinator._sealed),
+            Phase.MASKED_INPUT: (coordinator.shared, coordinator._inputs),
+            Phase.UNMASKING: (coordinator.uploaded, coordinator._responses),
+        }
+        expected, answered = waits_on.get(phase, ((), ()))
+        ended = phase in (Phase.COMPLETED, Phase.ABORTED)
+        return CohortProgress(
+            cohort_id=cohort_id,
+            phase=phase.value,
+            members=len(coordinator.members),
+            expected=len(expected),
+            answered=len(answered),
+            # the inputs are freed once summed (or on abort): count the closed phase's survivors then
+            uploaded=len(coordinator._inputs) if phase is Phase.MASKED_INPUT else len(coordinator.uploaded),
+            needed=coordinator.min_survivors,
+            deadline_unix=None if ended else now_unix + (cohort.deadline - now_mono),
+            applied_version=cohort.applied_version,
+            abort_reason=coordinator.abort_reason,
+        )
 
     def cohort_phases(self) -> dict[str, str]:
         with self._lock:

@@ -260,6 +260,7 @@ SERVER_KEYS = frozenset(
         "address", "max_workers", "insecure", "state_dir", "grace_period_s", "auth", "admin_token_file",
         "max_concurrent_streams", "rate_limit_per_s", "rate_limit_burst", "stream_timeout_s", "stream_idle_timeout_s",
         "checkpoint_every", "keep_checkpoints", "keep_log_entries", "resume_budget_bytes", "resume_expiry_s",
+        "http_address",
     }
 )  # fmt: skip
 """Server-level keys besides the [tls] table (TOML top level; CLI flags that also apply with --config)."""
@@ -548,6 +549,14 @@ PLAINTEXT_HINT = (
 )
 
 
+def _check_http_address(address: object) -> None:
+    if not isinstance(address, str):
+        raise ConfigError(f"http_address (--http-address) must be a \"host:port\" string, got {address!r}")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"http_address (--http-address) must be host:port (port 0 picks a free one), got {address!r}")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     address: str = "127.0.0.1:50051"
@@ -587,6 +596,9 @@ class ServerConfig:
     resume (server/uploads.py); the oldest are dropped first. 0: none are kept."""
     resume_expiry_s: float = 600.0
     """An interrupted push is dropped this long after its last byte arrived."""
+    http_address: str | None = None
+    """host:port of the HTTP endpoint (server/http.py: /metrics, the dashboard);
+    port 0 picks a free one; None: no HTTP endpoint."""
 
     def __post_init__(self) -> None:
         if self.state_dir is not None and not isinstance(self.state_dir, Path):
@@ -618,6 +630,8 @@ class ServerConfig:
         if not (isinstance(self.max_workers, int) and not isinstance(self.max_workers, bool) and self.max_workers >= 2):
             raise ConfigError(f"max_workers must be an integer >= 2, got {self.max_workers!r}")
         self._check_limits()
+        if self.http_address is not None:
+            _check_http_address(self.http_address)
         if not self.jobs:
             raise ConfigError("the server needs at least one job")
         for job in self.jobs:

@@ -69,6 +69,9 @@ from server.strategies import Strategy, all_finite, build_strategy
 T = TypeVar("T")
 _FLOAT_KINDS = "f"
 VERSION_LOG_LENGTH = 10_000
+RECENT_REJECTIONS = 200
+"""Refused pushes JobStats.recent_rejections keeps."""
+MAX_REJECTION_TEXT = 300
 MAX_NUM_SAMPLES = 1 << 32
 """Bounds sample weights, so float64 aggregation buffers cannot overflow."""
 MAX_ENERGY_JOULES = 1e12
@@ -181,6 +184,11 @@ class JobStats:
     """(version, joules reported for the updates that went into it), like `versions`."""
     evaluations: collections.deque[tuple[int, float, dict[str, float]]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
     """(version, unix time evaluated, metrics such as {"accuracy": 0.93, "loss": 0.2}) from the server's evaluator."""
+    recent_rejections: collections.deque[tuple[float, str, str]] = field(default_factory=lambda: collections.deque(maxlen=RECENT_REJECTIONS))
+    """(unix time, client id or "", reason) of the latest refused pushes, for the dashboard."""
+    recent_accepts: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
+    """(unix time, updates accepted then: 1 per push, a cohort's contributors) of the latest
+    acceptances, for the dashboard's update rate (not restored by recovery: a rate is live)."""
 
 
 class Journal(Protocol):
@@ -333,6 +341,7 @@ class Job:
         with self._lock:
             self._publish(self._cohort_params(weighted_sum, weight_sum), seq, replaying=True, energy=self._energy_pending + energy_joules)
             self.stats.updates_accepted += contributors
+            self.stats.recent_accepts.append((time.time(), contributors))
             self.stats.cohorts_applied += 1
 
     def remember_acks(self, acks: Iterable[tuple[UpdateHeader, PushOutcome]], *, more_in_log: bool) -> None:
@@ -429,15 +438,20 @@ class Job:
         with self._lock:
             self.stats.cohorts_aborted[reason.split(";")[0][:80]] += 1
 
-    def note_rejection(self, reason: str) -> None:
+    def note_rejection(self, reason: str, client_id: str = "", message: str = "") -> None:
+        """Count a refused push under `reason` (its kind) and keep it, with
+        `message` (what the client was told), among the recent ones."""
         with self._lock:
             self.stats.rejected[reason] += 1
+            shown = f"{reason}: {message}" if message else reason
+            self.stats.recent_rejections.append((time.time(), client_id, shown[:MAX_REJECTION_TEXT]))
 
-    def read_stats(self, read: Callable[[JobStats], T]) -> T:
-        """`read(self.stats)` under the job's lock: a consistent view (a
-        metrics scrape reads counters that pushes change meanwhile)."""
+    def read_stats(self, reader: Callable[[JobStats], T]) -> T:
+        """`reader(self.stats)` under the job's lock: a consistent view for
+        readers outside the RPC path (the dashboard, a metrics scrape); keep
+        `reader` quick."""
         with self._lock:
-            return read(self.stats)
+            return reader(self.stats)
 
     def _observe_aggregation(self, started: float) -> None:
         if self.aggregation_observer is not None:
@@ -580,6 +594,8 @@ class Job:
         else:
             self._energy_pending += header.energy_joules
         self.stats.updates_accepted += 1
+        if not replaying:
+            self.stats.recent_accepts.append((time.time(), 1))
         self.stats.staleness[outcome.staleness] += 1
         self.stats.updates_per_client[header.client_id] += 1
 

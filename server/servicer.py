@@ -184,13 +184,15 @@ class TributaryServicer(pb_grpc.TributaryServicer):
 
     def _push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext, tally: _Tally) -> pb.PushAck:
         job: Job | None = None
-        with _status_on_error(context, lambda error: self._note_rejected(job, tally.job_id, error)):
+        client_id = ""
+        with _status_on_error(context, lambda error: self._note_rejected(job, tally.job_id, error, client_id)):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "update":
                 raise InvalidUpdate("a push stream must start with an `update` header message")
             message = first.update
             tally.job_id = message.job_id
             self._metrics.note_update_received(message.job_id)
+            client_id = message.client_id
             self._authorize(context, message.job_id, message.client_id)
             job = self._core.job(message.job_id)
             _check_id("client_id", message.client_id)
@@ -424,10 +426,11 @@ class TributaryServicer(pb_grpc.TributaryServicer):
             return pb.CohortOutcome(version=version)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _note_rejected(self, job: Job | None, job_id: str, error: BaseException) -> None:
-        """A refused update: counted by the job (by error type) and in the metrics (by reason)."""
+    def _note_rejected(self, job: Job | None, job_id: str, error: BaseException, client_id: str = "") -> None:
+        """A refused update: counted by the job (by error type, and among its recent
+        refusals with what the client was told) and in the metrics (by reason)."""
         if job is not None:
-            job.note_rejection(type(error).__name__)
+            job.note_rejection(type(error).__name__, client_id, str(error))
         self._metrics.note_rejected(job_id, error)
 
     def _authorize(self, context: grpc.ServicerContext, job_id: str, client_id: str = "") -> None:
@@ -533,6 +536,7 @@ def status_code_for(error: BaseException) -> grpc.StatusCode | None:
 
 @contextlib.contextmanager
 def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[BaseException], None] | None = None) -> Iterator[None]:
+    """Turn a refusal into its status; `on_reject(error)` notes it first."""
     try:
         yield
     except _REFUSALS as error:

@@ -115,6 +115,10 @@ def run_server(options: dict[str, Any]) -> None:
                 click.echo(f"auth on: {enrolled} enrolled client(s); admin token in {running.admin_token_file} ({how})")
             mode = "plaintext" if config.tls is None else ("mutual TLS" if config.tls.mutual else "TLS")
             click.echo(f"tributary server listening on {running.address} ({mode})", nl=True)
+            if running.http_address is not None:
+                scheme = "http" if config.tls is None else "https"
+                guard = "; admin token required" if config.auth else ""
+                click.echo(f"dashboard on {scheme}://{running.http_address}/ (metrics: /metrics{guard})")
             sys.stdout.flush()
             stop.wait()
             click.echo(f"shutting down (grace period {config.grace_period_s:g}s)")

@@ -74,6 +74,7 @@ def main() -> None:
 @click.option("--insecure", is_flag=True, default=None, help="Serve plaintext instead of TLS (a trusted network only).")
 @click.option("--auth", is_flag=True, default=None, help="Serve only enrolled clients (bearer tokens, `tributary admin enrol`); needs --state-dir.")
 @click.option("--admin-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File holding the admin token.  [default: generated into <state-dir>/admin.token]")
+@click.option("--http-address", default=None, help="host:port of the HTTP endpoint with /metrics and the live dashboard (admin token required with --auth; HTTPS with --tls-*); port 0 picks a free one.  [default: none]")
 def server(**options: object) -> None:
     """Run the aggregation server until interrupted (Ctrl-C or SIGTERM)."""
     from tributary._server_cmd import run_server

@@ -4,6 +4,7 @@ push and pull: the values move with what the clients did."""
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Callable
 
 import numpy as np
@@ -22,9 +23,11 @@ MODEL_BYTES = sum(array.nbytes for array in small_model().values())
 
 
 def scrape(running: RunningServer) -> Samples:
-    """One scrape of the server's metrics: (sample name, sorted labels) -> value."""
-    body, content_type = running.metrics.exposition()
-    assert content_type.startswith("text/plain")
+    """One scrape of the server's /metrics over HTTP, as Prometheus does it:
+    (sample name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://{running.http_address}/metrics", timeout=10) as response:
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
+        body = response.read()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(body.decode())
@@ -41,7 +44,7 @@ def delta(scale: float = 0.1) -> dict[str, np.ndarray]:
 
 
 def test_plain_federation_moves_the_metrics(serve: Callable[..., RunningServer]) -> None:
-    running = serve(JobConfig(strategy=StrategyConfig(name="fedbuff", buffer_size=2), max_staleness=1))
+    running = serve(JobConfig(strategy=StrategyConfig(name="fedbuff", buffer_size=2), max_staleness=1), http_address="127.0.0.1:0")
     job = running.core.job("default")
     start = scrape(running)
     assert value(start, "tributary_model_version", job="default") == 0
@@ -111,7 +114,7 @@ SECURE_MODEL = {"w": np.zeros(SIZE - 2, np.float32), "b": np.zeros(2, np.float32
 
 def test_secure_aggregation_cohorts_show_in_the_metrics(serve: Callable[..., RunningServer]) -> None:
     secagg = SecAggConfig(cohort_size=5, phase_timeout_s=3.0, upload_timeout_s=3.0, forming_timeout_s=1.0, clip_bound=64.0)
-    running = serve(JobConfig(strategy=StrategyConfig(name="fedbuff"), secure_aggregation=secagg), models={"default": SECURE_MODEL})
+    running = serve(JobConfig(strategy=StrategyConfig(name="fedbuff"), secure_aggregation=secagg), models={"default": SECURE_MODEL}, http_address="127.0.0.1:0")
     before = scrape(running)
     assert value(before, "tributary_cohorts_completed_total", job="default") == 0
     assert value(before, "tributary_cohorts", job="default", phase="masked_input") == 0
