@@ -166,6 +166,7 @@ def running_server(
             host,
             port,
         )
+    logger.info("server started on %s:%d, jobs: %s", host, port, ", ".join(core.jobs))
     try:
         yield RunningServer(
             port, f"{host}:{port}", core, server, health_servicer, limits, tls=credentials is not None, recovered=tuple(recovered),
@@ -189,6 +190,7 @@ def running_server(
         if store is not None:
             store.close()
             logger.info("state written to %s", config.state_dir)
+        logger.info("server on %s:%d stopped", host, port)
 
 
 def _open_auth(config: ServerConfig) -> tuple[ClientRegistry, AdminCredential, bool]:

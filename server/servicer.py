@@ -13,6 +13,7 @@ does any work, so the per-client rate limit covers it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import NoReturn
@@ -21,6 +22,7 @@ import grpc
 
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
+from proto.logcontext import log_context
 from proto.metadata import RETRY_PUSHBACK_MS
 import numpy as np
 
@@ -87,6 +89,7 @@ _RETRIED_REFUSALS = (RetryLater, Unavailable, StreamDeadlineExceeded, TruncatedP
 """Refusals after which the update may still arrive (the SDK retries it, or
 resumes a cut upload, or another stream took the upload over): the client's
 training slot stays held."""
+logger = logging.getLogger("tributary.server")
 OFFSET_SETTLE_S = 5.0
 """Longest GetUploadOffset waits for a stream still writing the upload (server/uploads.py)."""
 
@@ -161,7 +164,22 @@ class TributaryServicer(pb_grpc.TributaryServicer):
 
     def Push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushAck:
         job: Job | None = None
-        with _status_on_error(context, lambda reason: job.note_rejection(reason) if job else None):
+        message: pb.UpdateHeader | None = None
+
+        def refused(error: BaseException) -> None:
+            if job is not None:
+                job.note_rejection(type(error).__name__)
+            logger.log(
+                logging.DEBUG if isinstance(error, RetryLater) else logging.INFO,  # back-pressure, retried: not news
+                "update refused (%s): %s", type(error).__name__, error,
+                extra=log_context(
+                    job=message.job_id if message else None,
+                    client=message.client_id if message else None,
+                    version=message.base_version if message else None,
+                ),
+            )  # fmt: skip
+
+        with _status_on_error(context, refused):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "update":
                 raise InvalidUpdate("a push stream must start with an `update` header message")
@@ -464,12 +482,12 @@ def status_code_for(error: BaseException) -> grpc.StatusCode | None:
 
 
 @contextlib.contextmanager
-def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[str], None] | None = None) -> Iterator[None]:
+def _status_on_error(context: grpc.ServicerContext, on_reject: Callable[[BaseException], None] | None = None) -> Iterator[None]:
     try:
         yield
     except _REFUSALS as error:
         if on_reject is not None and status_code_for(error) is not None:
-            on_reject(type(error).__name__)
+            on_reject(error)
         abort_with_error(context, error)
 
 
