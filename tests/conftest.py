@@ -13,6 +13,7 @@ import pytest
 
 from server import JobConfig, ServerConfig, TLSConfig
 from server.app import RunningServer, running_server
+from tributary._logging import QUIET_LIBRARIES
 
 
 @pytest.fixture(autouse=True)
@@ -22,10 +23,13 @@ def _restore_logging() -> Iterator[None]:
     no test sees another's logging setup."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    libraries = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
     environ = {key: os.environ.get(key) for key in ("TRIBUTARY_LOG_FORMAT", "TRIBUTARY_LOG_LEVEL")}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, library_level in libraries.items():
+        logging.getLogger(name).setLevel(library_level)
     for key, value in environ.items():
         if value is None:
             os.environ.pop(key, None)

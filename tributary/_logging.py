@@ -21,6 +21,8 @@ LEVELS = ("debug", "info", "warning", "error")
 FORMAT_ENV = "TRIBUTARY_LOG_FORMAT"
 LEVEL_ENV = "TRIBUTARY_LOG_LEVEL"
 _HANDLER_NAME = "tributary-cli"
+QUIET_LIBRARIES = ("grpc", "urllib3", "PIL", "matplotlib", "asyncio")
+"""Kept at warnings: their debug chatter (matplotlib's font search...) is not ours."""
 
 
 class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -82,8 +84,7 @@ def configure(log_format: str, level: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # other libraries' debug chatter (matplotlib's font search...) stays out
-    for noisy in ("grpc", "urllib3", "PIL", "matplotlib", "asyncio"):
+    for noisy in QUIET_LIBRARIES:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     os.environ[FORMAT_ENV] = log_format
     os.environ[LEVEL_ENV] = level.lower()
