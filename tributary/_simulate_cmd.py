@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import os
 import json
 import logging
 import time
@@ -24,6 +26,9 @@ from edge.simulate.runner import Point
 import click
 import numpy as np
 
+from edge.simulate.backends import LocalBackend
+from tributary._logging import FORMAT_ENV, LEVEL_ENV
+from tributary._logging import configure as configure_logging
 from edge.simulate import Backend, Experiment, SimulationConfigError, SimulationResult, initial_model, make_backend, simulate
 
 JOB_ID = "sim"
@@ -139,6 +144,11 @@ def run_simulate(options: dict[str, Any]) -> None:
         raise click.BadParameter(f"must be >= 0, got {options['seed']}", param_hint="--seed")
     experiment = load_experiment(options["config_path"], options["devices"], options["seed"])
     backend = make_backend(options["backend"])
+    if isinstance(backend, LocalBackend):
+        # the workers log in this command's format; their devices' routine events
+        # (hundreds of devices, each refusal and retry) only at --log-level debug
+        level = os.environ.get(LEVEL_ENV, "info")
+        backend.process_setup = functools.partial(configure_logging, os.environ.get(FORMAT_ENV, "text"), "debug" if level == "debug" else "warning")
     console = Console()
     run = experiment.run
     console.print(
