@@ -146,7 +146,8 @@ def _constant() -> Any:
 def _train(model: torch.nn.Module, train: Any, pulled: dict[str, np.ndarray], names: list[str]) -> tuple[dict[str, np.ndarray], int]:
     load_into(model, pulled)
     model.train()
-    samples = int(train(model, torch.device("cpu")))
+    result = train(model, torch.device("cpu"))
+    samples = int(result[0] if isinstance(result, tuple) else result)  # (samples, metrics) from make_train_fn
     trained = model_arrays(model, names)
     return {name: trained[name] - pulled[name] for name in names}, samples
 

@@ -51,7 +51,7 @@ from client_sdk._errors import (
 )
 from client_sdk._secure import CohortReceipt, SecureRound
 from client_sdk._tls import ClientTLS
-from client_sdk._training import EnergyEstimate, FitSummary, TrainFn, fit, load_into, model_arrays, pick_device
+from client_sdk._training import EnergyEstimate, FitProgress, FitSummary, TrainFn, TrainResult, fit, load_into, model_arrays, pick_device
 
 __all__ = [
     "AdminClient",
@@ -68,6 +68,7 @@ __all__ = [
     "EnergyEstimate",
     "EnrolledClient",
     "Enrolment",
+    "FitProgress",
     "FitSummary",
     "HeartbeatReply",
     "Ineligible",
@@ -88,6 +89,7 @@ __all__ = [
     "SlotGrant",
     "TLSError",
     "TrainFn",
+    "TrainResult",
     "TributaryError",
     "UpdateRejected",
     "VersionRecord",

@@ -53,6 +53,7 @@ from client_sdk._device import DeviceState, SlotGrant
 from client_sdk._compression import Compression, Compressor
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
+from proto.logcontext import log_context
 from proto.tensors import (
     CHUNK_BYTES,
     MalformedPayload,
@@ -328,6 +329,10 @@ class Client:
             raise (tls_failure(error, doing) or translate(error, doing)) from None
         return HeartbeatReply(ack.version, ack.server_time_ms, ack.next_heartbeat_ms / 1000.0, ack.slot_lease_ms / 1000.0)
 
+    def log_context(self, version: int | None = None, cohort: str | None = None) -> dict[str, object]:
+        """The `extra` of a log event about this client (see proto/logcontext.py)."""
+        return log_context(job=self.job, client=self.client_id, version=version, cohort=cohort)
+
     def push(
         self,
         base_version: int,
@@ -396,20 +401,28 @@ class Client:
             offset = self._upload_offset(key) if tried else 0
             tried = True
             if offset:
-                LOG.info("push %s: resuming at byte %d of %d", key, offset, header.header.payload_bytes)
+                LOG.info("push %s: resuming at byte %d of %d", key, offset, header.header.payload_bytes, extra=self.log_context(base_version))
                 try:
                     ack: pb.PushAck = self._stub.Push(requests(offset), timeout=self.timeout_s)
                     return ack
                 except grpc.RpcError as error:
                     if status_code(error) != grpc.StatusCode.FAILED_PRECONDITION:
                         raise
-                    LOG.info("push %s: the server no longer holds byte %d (%s); sending the whole update", key, offset, _details_of(error))
+                    LOG.info(
+                        "push %s: the server no longer holds byte %d (%s); sending the whole update", key, offset, _details_of(error),
+                        extra=self.log_context(base_version),
+                    )  # fmt: skip
             ack = self._stub.Push(requests(0), timeout=self.timeout_s)
             return ack
 
         ack: pb.PushAck = self._with_retries("push", attempt)
         if compressor is not None:
             compressor.commit(residual)  # only now: a refused update leaves the residual as it was
+        LOG.debug(
+            "update accepted: base version %d, staleness %d (weight %.3g), %d bytes%s",
+            base_version, ack.staleness, ack.staleness_weight, header.header.payload_bytes, " (a duplicate)" if ack.duplicate else "",
+            extra=self.log_context(ack.version_after),
+        )  # fmt: skip
         return PushResult(
             version_at_arrival=ack.version_at_arrival,
             staleness=ack.staleness,
@@ -462,13 +475,19 @@ class Client:
         if partial.assembler is not None:
             offset = partial.assembler.received_bytes - partial.assembler.received_bytes % CHUNK_BYTES
             resume = pb.PullRequest(job_id=self.job, resume=True, resume_version=partial.version, resume_offset=offset)
-            LOG.info("pull of version %d: resuming at byte %d of %d", partial.version, offset, partial.assembler.expected_bytes)
+            LOG.info(
+                "pull of version %d: resuming at byte %d of %d", partial.version, offset, partial.assembler.expected_bytes,
+                extra=self.log_context(partial.version),
+            )  # fmt: skip
             try:
                 return self._pull_stream(resume, timeout, partial)
             except grpc.RpcError as error:
                 if status_code(error) != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
-                LOG.info("pull: the server no longer keeps version %d (%s); pulling the current one", partial.version, _details_of(error))
+                LOG.info(
+                    "pull: the server no longer keeps version %d (%s); pulling the current one", partial.version, _details_of(error),
+                    extra=self.log_context(partial.version),
+                )  # fmt: skip
                 partial.assembler = None
         return self._pull_stream(request, timeout, partial)
 

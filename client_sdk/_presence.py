@@ -89,14 +89,14 @@ class Presence:
         except TributaryError as error:
             self.failed += 1
             if error.code == grpc.StatusCode.UNIMPLEMENTED:
-                logger.info("server at %s takes no heartbeats; training goes on without them", self._client.address)
+                logger.info("server at %s takes no heartbeats; training goes on without them", self._client.address, extra=self._client.log_context())
                 return False
             log = logger.warning if self.failed == 1 else logger.debug
-            log("heartbeat failed (training goes on): %s", error)
+            log("heartbeat failed (training goes on): %s", error, extra=self._client.log_context(base_version))
             return True
         except Exception as error:  # best effort: e.g. the channel was closed under us
             self.failed += 1
-            logger.debug("heartbeat failed (training goes on): %r", error)
+            logger.debug("heartbeat failed (training goes on): %r", error, extra=self._client.log_context(base_version))
             return True
         self.sent += 1
         with self._changed:

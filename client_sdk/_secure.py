@@ -11,6 +11,7 @@ either way the member joins a later cohort (the caller retrains).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from proto.secagg.quantize import masked_dtype
 from proto.secagg.protocol import CohortPlan, KeyAdvert, ProtocolViolation, UnmaskRequest
 from proto.secagg.sealing import VerificationFailed
 from proto.tensors import iter_chunks
+
+logger = logging.getLogger("tributary.client")
 
 JOIN_WAIT_S = 10.0
 
@@ -70,6 +73,9 @@ class SecureRound:
             raise CohortAborted(str(error)) from error
         self._rule = plan_message.staleness
         self._ref = pb.MemberRef(job_id=self._client.job, cohort_id=plan.cohort_id, member=plan.member, token=plan_message.token)
+        logger.info(
+            "joined cohort as member %d of %d", plan.member, len(plan_message.members), extra=self._client.log_context(cohort=plan.cohort_id)
+        )
 
     def submit(self, base_version: int, delta: np.ndarray, num_samples: int, energy_joules: float = 0.0) -> CohortReceipt:
         """Upload the masked, weighted delta (flat, model order) and unmask;
@@ -121,6 +127,10 @@ class SecureRound:
             ),
             retry_transient=True,
         )
+        logger.debug(
+            "cohort finished: masked input counted, staleness %d (weight %.3g)", tau, weight,
+            extra=self._client.log_context(outcome.version, ref.cohort_id),
+        )  # fmt: skip
         return CohortReceipt(outcome.version, tau, weight)
 
     # -- internals -------------------------------------------------------------------

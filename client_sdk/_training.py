@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +26,11 @@ logger = logging.getLogger("tributary.client")
 if TYPE_CHECKING:
     import torch
 
-TrainFn = Callable[["torch.nn.Module", "torch.device"], int]
-"""Trains the model in place for one local round; returns the number of examples used."""
+TrainResult = int | tuple[int, Mapping[str, float]]
+TrainFn = Callable[["torch.nn.Module", "torch.device"], TrainResult]
+"""Trains the model in place for one local round; returns the number of
+examples used, or (that number, local metrics such as {"loss": 0.31}) for
+`fit`'s progress reports."""
 
 SYNC_WAIT_S = 30.0
 MAINS_POWERED = DeviceState(battery_level=None, charging=True, idle=True, unmetered=True)
@@ -87,6 +90,38 @@ def model_arrays(model: torch.nn.Module, names: list[str] | None = None) -> dict
     return {name: state[name].detach().to("cpu").numpy().copy() for name in names}
 
 
+@dataclass(frozen=True)
+class FitProgress:
+    """Where `fit` stands, passed to its `progress` callback at the start, when
+    local training starts, and after each update is answered."""
+
+    updates_accepted: int
+    updates_refused: int
+    updates_planned: int | None
+    """`fit(updates=...)`; None when it runs for a duration."""
+    elapsed_s: float
+    duration_s: float | None
+    version: int
+    """The model version the client trains on (or trained on last)."""
+    state: str
+    """"starting", "training", "uploading", "waiting" (for eligibility or a slot), or "done"."""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """The last local round's metrics from train_fn (e.g. loss); empty when it reports none."""
+
+    @property
+    def fraction(self) -> float | None:
+        """How far fit is toward its stop (the nearer of updates and duration), in [0, 1]."""
+        parts = []
+        if self.updates_planned:
+            parts.append(self.updates_accepted / self.updates_planned)
+        if self.duration_s:
+            parts.append(self.elapsed_s / self.duration_s)
+        return min(1.0, max(parts)) if parts else None
+
+
+ProgressFn = Callable[[FitProgress], Any]
+
+
 @dataclass
 class FitSummary:
     updates_pushed: int = 0
@@ -117,6 +152,7 @@ def fit(
     poll_s: float = 5.0,
     max_wait_s: float | None = None,
     compression: Compression | None = None,
+    progress: ProgressFn | None = None,
 ) -> FitSummary:
     """Loop pull -> `train_fn(model, device)` -> push delta until `updates`
     pushes were accepted or `duration_s` passed (at least one must be given).
@@ -144,6 +180,10 @@ def fit(
     error-feedback residual is kept in `client` across updates. Under secure
     aggregation only quantization composes, and the job's cohorts decide it
     (a different `quantize_bits`, or any `top_k`, is a ValueError).
+
+    `progress(FitProgress)` is told where the loop stands (see FitProgress),
+    e.g. for a progress bar; fit itself shows nothing. A train_fn returning
+    (num_samples, {"loss": ...}) puts its metrics in the reports.
     """
     if updates is None and duration_s is None:
         raise ValueError("give `updates` or `duration_s`, or the loop would never end")
@@ -155,7 +195,7 @@ def fit(
         raise ValueError(f"max_wait_s must be >= 0 seconds, got {max_wait_s!r}")
     gate = _Gate(client, device_state, policy, poll_s, max_wait_s)
     with Presence(client) as presence:
-        return _fit(client, model, train_fn, presence, updates, duration_s, device, on_push, gate, energy_estimate, compression)
+        return _fit(client, model, train_fn, presence, updates, duration_s, device, on_push, gate, energy_estimate, compression, progress)
 
 
 def _fit(
@@ -170,9 +210,16 @@ def _fit(
     gate: _Gate,
     energy_estimate: EnergyEstimate | None,
     compression: Compression | None,
+    progress: ProgressFn | None,
 ) -> FitSummary:
     start = time.monotonic()
     summary = FitSummary()
+    metrics: Mapping[str, float] = {}
+
+    def report(state: str) -> None:
+        if progress is not None:
+            elapsed = time.monotonic() - start
+            progress(FitProgress(summary.updates_pushed, summary.updates_refused, updates, elapsed, duration_s, summary.last_version, state, metrics))
     job = client.job_info()
     if compression is not None:
         _check_compression(compression, job)  # before anything is trained
@@ -188,6 +235,8 @@ def _fit(
         return duration_s is not None and time.monotonic() - start >= duration_s
 
     summary.last_version = pulled.version
+    logger.info("client starts on version %d", pulled.version, extra=client.log_context(pulled.version))
+    report("starting")
     while not done():
         waited_from = time.monotonic()
         ready = gate.wait(job, presence, pulled.version, done)
@@ -199,6 +248,7 @@ def _fit(
             pulled = client.pull()  # the slot is for the job's current version
             summary.last_version = pulled.version
         presence.set(ClientState.TRAINING, pulled.version)
+        report("training")
         cohort = None
         if job.secure_aggregation:
             from client_sdk._secure import SecureRound
@@ -208,14 +258,23 @@ def _fit(
         load_into(model, pulled.tensors)
         model.train()
         trained_from = time.perf_counter()
-        num_samples = max(1, int(train_fn(model, torch_device)))
+        trained_result = train_fn(model, torch_device)
+        if isinstance(trained_result, tuple):
+            trained_result, metrics = trained_result
+        num_samples = max(1, int(trained_result))
         train_s = time.perf_counter() - trained_from
+        logger.debug(
+            "trained locally on %d samples in %.2f s%s", num_samples, train_s,
+            "".join(f", {name} {value:.4g}" for name, value in metrics.items()),
+            extra=client.log_context(pulled.version),
+        )  # fmt: skip
         trained = model_arrays(model, names)
         delta = {name: trained[name] - pulled.tensors[name] for name in names}
         energy = 0.0
         if energy_estimate is not None:
             energy = float(energy_estimate(train_s, sum(array.nbytes for array in delta.values())))
         presence.set(ClientState.UPLOADING, pulled.version)
+        report("uploading")
         try:
             if cohort is not None:
                 flat = np.concatenate([delta[name].reshape(-1) for name in names])
@@ -226,12 +285,14 @@ def _fit(
                 summary.staleness.append(result.staleness)
                 if on_push is not None:
                     on_push(result)
-        except (NotAcceptedNow, CohortAborted):
+        except (NotAcceptedNow, CohortAborted) as error:
             summary.updates_refused += 1
+            logger.info("update refused, training again on a newer model: %s", error, extra=client.log_context(pulled.version))
         else:
             summary.updates_pushed += 1
             summary.energy_joules += energy
         presence.set(ClientState.IDLE, pulled.version)
+        report("idle")
         if done():
             break
         pulled = _next_model(client, pulled.version, job.synchronous, done)
@@ -239,6 +300,11 @@ def _fit(
     if not summary.stop_reason:
         summary.stop_reason = "updates" if updates is not None and summary.updates_pushed >= updates else "duration"
     summary.seconds = time.monotonic() - start
+    logger.info(
+        "client stops (%s): %d updates accepted, %d refused, in %.1f s", summary.stop_reason, summary.updates_pushed, summary.updates_refused,
+        summary.seconds, extra=client.log_context(summary.last_version),
+    )  # fmt: skip
+    report("done")
     return summary
 
 
@@ -280,14 +346,17 @@ class _Gate:
                     return grant
                 reason, delay = f"no training slot: {grant.reason}", max(grant.retry_after_s, 0.01)
             if reason != told:  # once per change, not once per poll
-                logger.info("client %s waits to train: %s", self._client.client_id, reason)
+                logger.info("client %s waits to train: %s", self._client.client_id, reason, extra=self._client.log_context(version))
                 told = reason
             presence.set(ClientState.IDLE, version, state)
             waited = time.monotonic() - started
             if done():
                 return "duration"
             if self._max_wait_s is not None and waited >= self._max_wait_s:
-                logger.info("client %s stops: waited %.1f s (max_wait_s) to train: %s", self._client.client_id, waited, reason)
+                logger.info(
+                    "client %s stops: waited %.1f s (max_wait_s) to train: %s", self._client.client_id, waited, reason,
+                    extra=self._client.log_context(version),
+                )  # fmt: skip
                 return "waited max_wait_s"
             if self._max_wait_s is not None:
                 delay = min(delay, self._max_wait_s - waited)

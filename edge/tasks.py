@@ -102,7 +102,8 @@ def make_train_fn(
     seed: int = 0,
     round_seconds: float = 0.0,
 ) -> TrainFn:
-    """A `TrainFn` for the SDK's loop: `epochs` passes of SGD over (x, y).
+    """A `TrainFn` for the SDK's loop: `epochs` passes of SGD over (x, y);
+    reports the mean training loss of the round.
 
     `round_seconds` pads each call to at least that long, emulating a device
     slower than this machine (the padding sleeps, so emulated devices do not
@@ -114,9 +115,10 @@ def make_train_fn(
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
 
-    def train(model: nn.Module, device: torch.device) -> int:
+    def train(model: nn.Module, device: torch.device) -> tuple[int, dict[str, float]]:
         started = time.monotonic()
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        loss_sum, batches = torch.zeros((), device=device), 0  # summed on the device: no sync per batch
         for _ in range(epochs):
             order = torch.randperm(len(features), generator=generator)
             for start in range(0, len(order), batch_size):
@@ -125,10 +127,11 @@ def make_train_fn(
                 loss = loss_fn(model(features[batch].to(device)), targets[batch].to(device))
                 loss.backward()
                 optimizer.step()
+                loss_sum, batches = loss_sum + loss.detach(), batches + 1
         pad = round_seconds - (time.monotonic() - started)
         if pad > 0:
             time.sleep(pad)
-        return len(features) * epochs
+        return len(features) * epochs, {"loss": float(loss_sum) / max(1, batches)}
 
     return train
 

@@ -219,6 +219,7 @@ def running_server(
             host,
             port,
         )
+    logger.info("server started on %s:%d, jobs: %s", host, port, ", ".join(core.jobs))
     try:
         yield RunningServer(
             port, f"{host}:{port}", core, server, health_servicer, limits, tls=credentials is not None, metrics=metrics, recovered=tuple(recovered),
@@ -246,6 +247,7 @@ def running_server(
         if store is not None:
             store.close()
             logger.info("state written to %s", config.state_dir)
+        logger.info("server on %s:%d stopped", host, port)
 
 
 def _open_auth(config: ServerConfig) -> tuple[ClientRegistry, AdminCredential, bool]:

@@ -13,6 +13,7 @@ Lock order: CohortManager._lock, then _Cohort.lock, then Job._lock.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 import threading
 import time
@@ -33,6 +34,7 @@ from proto.secagg.protocol import (
     UnmaskResponse,
     default_neighbour_count,
 )
+from proto.logcontext import log_context
 from proto.secagg.quantize import masked_dtype
 from server import faults
 from server.config import SecAggConfig
@@ -41,6 +43,7 @@ from server.errors import ServerError, ShuttingDown
 from server.secagg import CohortAborted, CohortCoordinator
 
 T = TypeVar("T")
+logger = logging.getLogger("tributary.server")
 Observer = Callable[[str, np.ndarray], None]
 
 REJOIN_GRACE_S = 5.0
@@ -217,6 +220,11 @@ class CohortManager:
         for client_id, member in zip(chosen, members):
             self._placed[client_id] = JoinedCohort(plans[member], cohort.tokens[member])
         self._formed.notify_all()
+        logger.info(
+            "cohort formed: %d members (%d must finish), after %.1f s of waiting; clients %s",
+            len(members), coordinator.min_survivors, waited, ", ".join(chosen),
+            extra=log_context(job=self.job.job_id, version=self.job.snapshot().version, cohort=cohort_id),
+        )  # fmt: skip
 
     # -- phases ----------------------------------------------------------------------
 
@@ -310,14 +318,23 @@ class CohortManager:
     def _close_advertising(self, cohort: _Cohort) -> None:
         cohort.neighbour_keys = cohort.coordinator.close_advertising()
         cohort.deadline = self._clock() + self.config.phase_timeout_s
+        self._log_phase(cohort, f"{len(cohort.neighbour_keys)} members advertised keys")
 
     def _close_sharing(self, cohort: _Cohort) -> None:
         cohort.shares_for = cohort.coordinator.close_sharing()
         cohort.deadline = self._clock() + self.config.upload_timeout_s  # members train now
+        self._log_phase(cohort, f"{len(cohort.shares_for)} members shared keys; waiting for masked inputs")
 
     def _close_input(self, cohort: _Cohort) -> None:
         cohort.unmask_request = cohort.coordinator.close_input()
         cohort.deadline = self._clock() + self.config.phase_timeout_s
+        self._log_phase(cohort, f"{len(cohort.unmask_request.survivors)} masked inputs in; unmasking")
+
+    def _log_phase(self, cohort: _Cohort, what: str) -> None:
+        logger.info(
+            "cohort phase %s: %s", cohort.coordinator.phase.value, what,
+            extra=log_context(job=self.job.job_id, cohort=cohort.coordinator.cohort_id),
+        )  # fmt: skip
 
     def _finish(self, cohort: _Cohort) -> None:
         result = cohort.coordinator.finish()
@@ -369,6 +386,7 @@ class CohortManager:
     def _note_abort(self, cohort: _Cohort) -> None:
         reason = cohort.coordinator.abort_reason or "unknown"
         self.job.note_cohort_abort(reason)
+        logger.info("cohort aborted: %s", reason, extra=log_context(job=self.job.job_id, cohort=cohort.coordinator.cohort_id))
 
     def _raise_if_aborted(self, cohort: _Cohort) -> None:
         if cohort.coordinator.phase is Phase.ABORTED:

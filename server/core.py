@@ -37,6 +37,7 @@ TrainingSlots._lock is a leaf (taken with or without Job._lock).
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import sys
 import threading
@@ -49,6 +50,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from proto.compression import RAW, Encoding, encoded_size
+from proto.logcontext import log_context
 from proto.tensors import CHUNK_BYTES, TensorSpec, iter_chunks, specs_of
 from server import faults
 from server.config import JobConfig, ServerConfig
@@ -67,6 +69,8 @@ from server.scheduling import DeviceReport, SlotDecision, SlotPolicy, TrainingSl
 from server.strategies import Strategy, all_finite, build_strategy
 
 T = TypeVar("T")
+logger = logging.getLogger("tributary.server")
+
 _FLOAT_KINDS = "f"
 VERSION_LOG_LENGTH = 10_000
 RECENT_REJECTIONS = 200
@@ -297,7 +301,8 @@ class Job:
                     prefer_charging=config.prefer_charging,
                     min_battery=config.min_battery,
                     round_size=config.strategy.clients_per_round if config.strategy.synchronous else None,
-                )
+                ),
+                job_id=config.job_id,
             )
 
     def attach_journal(self, journal: Journal) -> None:
@@ -480,7 +485,12 @@ class Job:
         version = self._current.version  # no lock: see snapshot()
         if self.slots is None:
             return SlotDecision(True, version, reason="this job has no training slots: train whenever the device allows")
-        return self.slots.acquire(client_id, device, version)
+        decision = self.slots.acquire(client_id, device, version)
+        logger.debug(
+            "training slot %s%s", "granted" if decision.granted else "refused: ", "" if decision.granted else decision.reason,
+            extra=log_context(job=self.job_id, client=client_id, version=decision.version),
+        )  # fmt: skip
+        return decision
 
     def release_slot(self, client_id: str, *, pushed: bool) -> None:
         if self.slots is not None:
@@ -567,6 +577,11 @@ class Job:
                 raise
             self._remember(header, outcome)
         self.release_slot(header.client_id, pushed=True)
+        logger.debug(
+            "update accepted: base version %d, staleness %d (weight %.3g), %d samples",
+            header.base_version, outcome.staleness, outcome.staleness_weight, header.num_samples,
+            extra=log_context(job=self.job_id, client=header.client_id, version=outcome.version_after),
+        )  # fmt: skip
         return outcome
 
     def _outcome_for(self, base_version: int) -> PushOutcome:
@@ -619,6 +634,10 @@ class Job:
             self._observe_aggregation(started)
             self.stats.updates_accepted += contributors
             self.stats.cohorts_applied += 1
+            logger.info(
+                "cohort applied: %d members' sum", contributors,
+                extra=log_context(job=self.job_id, version=self._current.version, cohort=cohort_id or None),
+            )  # fmt: skip
             return self._current.version
 
     def _cohort_params(self, weighted_sum: np.ndarray, weight_sum: float) -> dict[str, np.ndarray]:
@@ -746,6 +765,11 @@ class Job:
         self._version_changed.notify_all()
         if self._journal is not None and not replaying:
             self._journal.published(self.job_id, self._current, seq)
+        logger.log(
+            logging.DEBUG if replaying else logging.INFO,
+            "%s version %d", "replayed" if replaying else "published", self._current.version,
+            extra=log_context(job=self.job_id, version=self._current.version),
+        )  # fmt: skip
 
 
 class AggregationCore:

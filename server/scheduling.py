@@ -35,18 +35,22 @@ drain it).
 Slots are soft state, kept in memory only: after a restart clients ask again.
 
 Lock order: TrainingSlots._lock is a leaf; nothing is called out of it while
-it is held (the job may call in while holding its own lock).
+it is held but logging (the job may call in while holding its own lock).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proto.logcontext import log_context
 from server.errors import InvalidUpdate, NoTrainingSlot
+
+logger = logging.getLogger("tributary.server")
 
 RETRY_AFTER_S = 1.0
 """When a refused client should ask again while slots are busy."""
@@ -109,8 +113,10 @@ class _Slot:
 
 
 class TrainingSlots:
-    def __init__(self, policy: SlotPolicy, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, policy: SlotPolicy, *, clock: Callable[[], float] = time.monotonic, job_id: str | None = None) -> None:
         self.policy = policy
+        self.job_id = job_id
+        """Only for the context of log events."""
         self._clock = clock
         self._lock = threading.Lock()
         self._holders: dict[str, _Slot] = {}
@@ -234,6 +240,10 @@ class TrainingSlots:
             if slot.expires_at <= now:
                 del self._holders[client_id]
                 self.expired += 1
+                logger.info(
+                    "training slot lease lapsed (no TRAINING or UPLOADING heartbeat for %g s); the slot is free again", self.policy.lease_s,
+                    extra=log_context(job=self.job_id, client=client_id, version=slot.version),
+                )  # fmt: skip
 
     def _free(self) -> int:
         free = self.policy.max_concurrent_trainers - len(self._holders)

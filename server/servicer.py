@@ -13,6 +13,7 @@ does any work, so the per-client rate limit covers it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +23,7 @@ import grpc
 
 from proto import tributary_pb2 as pb
 from proto import tributary_pb2_grpc as pb_grpc
+from proto.logcontext import log_context
 from proto.metadata import RETRY_PUSHBACK_MS
 import numpy as np
 
@@ -89,6 +91,7 @@ _RETRIED_REFUSALS = (RetryLater, Unavailable, StreamDeadlineExceeded, TruncatedP
 """Refusals after which the update may still arrive (the SDK retries it, or
 resumes a cut upload, or another stream took the upload over): the client's
 training slot stays held."""
+logger = logging.getLogger("tributary.server")
 OFFSET_SETTLE_S = 5.0
 """Longest GetUploadOffset waits for a stream still writing the upload (server/uploads.py)."""
 
@@ -184,15 +187,27 @@ class TributaryServicer(pb_grpc.TributaryServicer):
 
     def _push(self, request_iterator: Iterator[pb.PushRequest], context: grpc.ServicerContext, tally: _Tally) -> pb.PushAck:
         job: Job | None = None
-        client_id = ""
-        with _status_on_error(context, lambda error: self._note_rejected(job, tally.job_id, error, client_id)):
+        message: pb.UpdateHeader | None = None
+
+        def refused(error: BaseException) -> None:
+            self._note_rejected(job, tally.job_id, error, message.client_id if message else "")
+            logger.log(
+                logging.DEBUG if isinstance(error, RetryLater) else logging.INFO,  # back-pressure, retried: not news
+                "update refused (%s): %s", type(error).__name__, error,
+                extra=log_context(
+                    job=message.job_id if message else None,
+                    client=message.client_id if message else None,
+                    version=message.base_version if message else None,
+                ),
+            )  # fmt: skip
+
+        with _status_on_error(context, refused):
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "update":
                 raise InvalidUpdate("a push stream must start with an `update` header message")
             message = first.update
             tally.job_id = message.job_id
             self._metrics.note_update_received(message.job_id)
-            client_id = message.client_id
             self._authorize(context, message.job_id, message.client_id)
             job = self._core.job(message.job_id)
             _check_id("client_id", message.client_id)

@@ -53,6 +53,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
+from proto.logcontext import log_context
 from proto.tensors import TensorSpec
 from server import faults
 from server.config import JobConfig, RetentionConfig
@@ -280,7 +281,7 @@ class StateStore:
                 # The strategy refused it when it first came (e.g. an overflowing
                 # aggregate) and the crash came before the entry was dropped: the
                 # client was never acked, so drop it now, as the server would have.
-                log.warning("job %r: dropping logged update %d, refused on replay: %s", job.job_id, entry.seq, error)
+                log.warning("job %r: dropping logged update %d, refused on replay: %s", job.job_id, entry.seq, error, extra=log_context(job=job.job_id))
                 self.forget(entry.seq)
                 continue
             if job.snapshot().version != entry.version_after:
@@ -293,7 +294,10 @@ class StateStore:
         self._restore_acks_and_stats(job)
         self._latest[job.job_id] = _Published(job.snapshot(), latest_seq)
         self._checkpointed[job.job_id] = version
-        log.info("job %r: recovered version %d (checkpoint %d plus the log after it)", job.job_id, job.snapshot().version, version)
+        log.info(
+            "job %r: recovered version %d (checkpoint %d plus the log after it)", job.job_id, job.snapshot().version, version,
+            extra=log_context(job=job.job_id, version=job.snapshot().version),
+        )  # fmt: skip
 
     def _newest_checkpoint(self, job: Job) -> tuple[int, int, dict[str, np.ndarray]]:
         rows = self._db.execute(
@@ -307,7 +311,10 @@ class StateStore:
                     raise ValueError("its SHA-256 does not match the one recorded")
                 tensors = load(data)
             except (OSError, ValueError, SafetensorError) as error:
-                log.warning("job %r: checkpoint %s of version %d is unusable (%s); trying an older one", job.job_id, path, version, error)
+                log.warning(
+                    "job %r: checkpoint %s of version %d is unusable (%s); trying an older one", job.job_id, path, version, error,
+                    extra=log_context(job=job.job_id, version=version),
+                )  # fmt: skip
                 continue
             return int(version), int(seq), {spec.name: tensors[spec.name] for spec in job.specs if spec.name in tensors}
         raise StateError(f"job {job.job_id!r}: no intact checkpoint in {self.state_dir}; it cannot be recovered")
@@ -463,7 +470,10 @@ class StateStore:
             try:
                 self._write_checkpoint(job_id, published)
             except (OSError, sqlite3.Error) as error:  # the log still holds everything; try again next time
-                log.error("job %r: checkpoint of version %d failed: %s", job_id, published.snapshot.version, error)
+                log.error(
+                    "job %r: checkpoint of version %d failed: %s", job_id, published.snapshot.version, error,
+                    extra=log_context(job=job_id, version=published.snapshot.version),
+                )  # fmt: skip
 
     def _write_checkpoint(self, job_id: str, published: _Published) -> None:
         snapshot = published.snapshot

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -11,6 +13,28 @@ import pytest
 
 from server import JobConfig, ServerConfig, TLSConfig
 from server.app import RunningServer, running_server
+from tributary._logging import QUIET_LIBRARIES
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Commands invoked in-process (click's CliRunner) configure logging (the
+    root handler and level, TRIBUTARY_LOG_* for child processes): undo it, so
+    no test sees another's logging setup."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    libraries = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
+    environ = {key: os.environ.get(key) for key in ("TRIBUTARY_LOG_FORMAT", "TRIBUTARY_LOG_LEVEL")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, library_level in libraries.items():
+        logging.getLogger(name).setLevel(library_level)
+    for key, value in environ.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def small_model(seed: int = 0) -> dict[str, np.ndarray]:

@@ -79,11 +79,17 @@ def run_client(options: dict[str, Any]) -> None:
     compression = None
     if options["quantize_bits"] is not None or options["top_k"] is not None:
         compression = Compression(quantize_bits=options["quantize_bits"], top_k=options["top_k"], seed=options["seed"] * 1000 + options["shard"])
+    from rich.console import Console
+
+    from tributary._progress import FitBar
+
+    bar = FitBar(Console(stderr=True), options["updates"], options["duration"])
     try:
-        with client:
+        with client, bar.shown():
             summary = client.fit(
-                model, train, updates=options["updates"], duration_s=options["duration"], device=str(device), compression=compression
-            )
+                model, train, updates=options["updates"], duration_s=options["duration"], device=str(device), compression=compression,
+                progress=bar,
+            )  # fmt: skip
     except KeyboardInterrupt:
         return
     except TributaryError as error:

@@ -226,7 +226,7 @@ def _watch(
         TimeElapsedColumn(),
     )
     seen = 0
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task("versions", total=max_versions, accuracy=history.points[-1]["accuracy"])
         while seen < max_versions and time.monotonic() < deadline:
             _check_fleet(fleet, run_dir)

@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import os
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from edge.simulate.runner import Point
 
 import click
 import numpy as np
 
+from edge.simulate.backends import LocalBackend
+from tributary._logging import FORMAT_ENV, LEVEL_ENV
+from tributary._logging import configure as configure_logging
 from edge.simulate import Backend, Experiment, SimulationConfigError, SimulationResult, initial_model, make_backend, simulate
 
 JOB_ID = "sim"
@@ -60,8 +67,9 @@ def _server_log_quiet() -> Iterator[None]:
         server_logger.setLevel(level)
 
 
-def run_experiment(experiment: Experiment, backend: Backend) -> SimulationResult:
-    """Start the server, run the fleet to the end, stop the server."""
+def run_experiment(experiment: Experiment, backend: Backend, on_point: Callable[[Point], Any] | None = None) -> SimulationResult:
+    """Start the server, run the fleet to the end, stop the server; `on_point`:
+    see edge.simulate.simulate."""
     from server.app import running_server
     from server.core import VERSION_LOG_LENGTH
 
@@ -73,7 +81,7 @@ def run_experiment(experiment: Experiment, backend: Backend) -> SimulationResult
             snapshot = job.wait_for_version(min_version, timeout_s)
             return snapshot.version, snapshot.tensors
 
-        result = simulate(experiment, running.address, JOB_ID, backend, watch)
+        result = simulate(experiment, running.address, JOB_ID, backend, watch, on_point)
         stats = job.stats
         result.server_stats = {
             "updates_accepted": stats.updates_accepted,
@@ -136,6 +144,11 @@ def run_simulate(options: dict[str, Any]) -> None:
         raise click.BadParameter(f"must be >= 0, got {options['seed']}", param_hint="--seed")
     experiment = load_experiment(options["config_path"], options["devices"], options["seed"])
     backend = make_backend(options["backend"])
+    if isinstance(backend, LocalBackend):
+        # the workers log in this command's format; their devices' routine events
+        # (hundreds of devices, each refusal and retry) only at --log-level debug
+        level = os.environ.get(LEVEL_ENV, "info")
+        backend.process_setup = functools.partial(configure_logging, os.environ.get(FORMAT_ENV, "text"), "debug" if level == "debug" else "warning")
     console = Console()
     run = experiment.run
     console.print(
@@ -143,7 +156,10 @@ def run_simulate(options: dict[str, Any]) -> None:
         f"{experiment.strategy}{' + secure aggregation' if experiment.secure_aggregation else ''}, "
         f"{run.duration_s:g} emulated s in {run.real_duration_s:.0f} real s, backend {backend.name}"
     )
-    result = run_experiment(experiment, backend)
+    from tributary._progress import SimulationBar
+
+    with SimulationBar(console, run.duration_s, run.time_scale) as bar:
+        result = run_experiment(experiment, backend, lambda p: bar.point(p.emulated_s, p.version, p.accuracy))
     run_dir = options["out_dir"] / f"{experiment.name}-seed{experiment.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     write_results(result, run_dir)
     summary = result.summary()

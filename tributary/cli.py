@@ -13,8 +13,13 @@ STALENESS = ("constant", "polynomial", "hinge")
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="tributary")
-def main() -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", envvar="TRIBUTARY_LOG_FORMAT", help="Log lines on stderr: human-readable text, or one JSON object per line (timestamp, level, logger, message, job, client, version, cohort); or set TRIBUTARY_LOG_FORMAT.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False), default="info", envvar="TRIBUTARY_LOG_LEVEL", help="Least severe log events shown; or set TRIBUTARY_LOG_LEVEL.")
+def main(log_format: str, log_level: str) -> None:
     """Tributary: asynchronous federated learning over gRPC."""
+    from tributary._logging import configure
+
+    configure(log_format, log_level)
 
 
 @main.command()

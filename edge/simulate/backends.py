@@ -41,15 +41,19 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, ready_timeout_s: float = 300.0) -> None:
+    def __init__(self, ready_timeout_s: float = 300.0, process_setup: Callable[[], Any] | None = None) -> None:
         self.ready_timeout_s = ready_timeout_s
+        self.process_setup = process_setup
+        """Called first in each worker process (picklable; e.g. the CLI's logging setup)."""
 
     def run_groups(self, specs: Sequence[GroupSpec], on_start: Callable[[float], None]) -> list[GroupReport]:
         context = multiprocessing.get_context("spawn")
         pipes, processes = [], []
         for spec in specs:
             ours, theirs = context.Pipe()
-            process = context.Process(target=_local_group, args=(spec, theirs), name=f"simulate-group-{spec.group}", daemon=True)
+            process = context.Process(
+                target=_local_group, args=(spec, theirs, self.process_setup), name=f"simulate-group-{spec.group}", daemon=True
+            )
             process.start()
             theirs.close()
             pipes.append(ours)
@@ -71,8 +75,10 @@ class LocalBackend:
                     process.join()
 
 
-def _local_group(spec: GroupSpec, pipe: Connection) -> None:
+def _local_group(spec: GroupSpec, pipe: Connection, process_setup: Callable[[], Any] | None = None) -> None:
     try:
+        if process_setup is not None:
+            process_setup()
         group = DeviceGroup(spec)
         pipe.send(("ready", None))
         start_wall = pipe.recv()

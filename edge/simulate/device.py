@@ -116,7 +116,7 @@ class VersionWatch:
                 version = self._client.pull(min_version=self._version + 1, wait_s=wait).version
             except TributaryError as error:
                 if not self._clock.over():
-                    logger.warning("version watch: %s", error)
+                    logger.warning("version watch: %s", error, extra=self._client.log_context(self._version))
                 self._clock.stop.wait(ERROR_BACKOFF_S)
                 continue
             with self._changed:
@@ -296,7 +296,7 @@ class DeviceEmulator:
                     last_pushed_base = pushed_base
             except TributaryError as error:
                 self.report.errors += 1
-                logger.info("device %d: %s", self.report.index, error)
+                logger.info("device %d: %s", self.report.index, error, extra=self.client.log_context())
                 self.clock.stop.wait(ERROR_BACKOFF_S)
         return self.report
 
@@ -334,7 +334,7 @@ class DeviceEmulator:
             try:
                 self.client.heartbeat(ClientState.TRAINING, base_version=version)
             except TributaryError as error:  # one lost heartbeat: the next one renews the lease
-                logger.info("device %d: heartbeat: %s", self.report.index, error)
+                logger.info("device %d: heartbeat: %s", self.report.index, error, extra=self.client.log_context(version))
 
     def _abandon(self, until: float, grant: SlotGrant | None, version: int, spent_j: float) -> None:
         """A dropout or going offline at emulated time `until`: the energy used
@@ -400,7 +400,7 @@ class DeviceEmulator:
                 report.uploads.append((round(self.clock.now(), 3), result.payload_bytes))
         except (NotAcceptedNow, CohortAborted) as error:
             report.updates_refused += 1
-            logger.info("device %d: update refused: %s", report.index, error)
+            logger.info("device %d: update refused: %s", report.index, error, extra=self.client.log_context(pulled.version))
         else:
             report.updates_accepted += 1
             report.energy_reported_j += energy

@@ -111,12 +111,21 @@ def plan_groups(experiment: Experiment, address: str, job_id: str) -> list[Group
     return [GroupSpec(experiment, address, job_id, tuple(range(g, experiment.devices, count)), group=g) for g in range(count)]
 
 
-def simulate(experiment: Experiment, address: str, job_id: str, backend: Backend, watch: VersionWatch) -> SimulationResult:
-    """Run the experiment's fleet against the server at `address` until the run's end."""
+def simulate(
+    experiment: Experiment, address: str, job_id: str, backend: Backend, watch: VersionWatch, on_point: Callable[[Point], Any] | None = None
+) -> SimulationResult:
+    """Run the experiment's fleet against the server at `address` until the
+    run's end; `on_point` is told each evaluation as it is recorded (the first
+    one, at emulated second 0, when the devices' clock starts)."""
     data = experiment_data(experiment)
     model = build_model(experiment.model.kind, data.num_features, data.num_classes, hidden=experiment.model.hidden)
     run = experiment.run
     history: list[Point] = []
+
+    def record(point: Point) -> None:
+        history.append(point)
+        if on_point is not None:
+            on_point(point)
     started = threading.Event()
     done = threading.Event()
     clock_start = [0.0]
@@ -135,14 +144,14 @@ def simulate(experiment: Experiment, address: str, job_id: str, backend: Backend
                 return
         start_wall = clock_start[0]
         version, tensors = watch(0, 0.0)
-        history.append(Point(0.0, 0.0, version, accuracy_of(tensors)))
+        record(Point(0.0, 0.0, version, accuracy_of(tensors)))
         seen = version
         while not done.is_set():
             version, tensors = watch(seen + 1, 0.5)
             if version <= seen:
                 continue
             real = max(0.0, time.time() - start_wall)
-            history.append(Point(real / run.time_scale, real, version, accuracy_of(tensors)))
+            record(Point(real / run.time_scale, real, version, accuracy_of(tensors)))
             seen = version
             done.wait(run.eval_interval_s)
 
@@ -157,5 +166,5 @@ def simulate(experiment: Experiment, address: str, job_id: str, backend: Backend
     final = accuracy_of(tensors)
     real = time.time() - clock_start[0]
     end = min(real, run.real_duration_s)
-    history.append(Point(end / run.time_scale, end, version, final))
+    record(Point(end / run.time_scale, end, version, final))
     return SimulationResult(experiment, backend.name, history, groups, real, version, final)

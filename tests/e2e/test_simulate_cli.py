@@ -44,6 +44,9 @@ def test_simulate_writes_a_run_folder(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "simulating 8 devices" in done.stdout
+    # stdout is a pipe: no progress bar, no terminal control sequences
+    assert "\x1b[" not in done.stdout + done.stderr and "\r" not in done.stdout
+    assert "tributary.server" not in done.stderr  # the in-process server only speaks up for errors
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("small-seed2-")
     results = json.loads((run_dir / "results.json").read_text())
