@@ -22,7 +22,7 @@ demo: $(BIN)/tributary
 # the dashboard's browser test drives Debian's chromium; CI runs as root and
 # installs it here, and TRIBUTARY_REQUIRE_BROWSER=1 makes a missing one a failure
 browser:
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
 
 test: $(BIN)/tributary browser
 	$(BIN)/mypy
