@@ -73,6 +73,8 @@ logger = logging.getLogger("tributary.server")
 
 _FLOAT_KINDS = "f"
 VERSION_LOG_LENGTH = 10_000
+LOG_VERSIONS_EVERY_S = 10.0
+"""Published versions are logged at INFO at most this often per job (each one at DEBUG)."""
 RECENT_REJECTIONS = 200
 """Refused pushes JobStats.recent_rejections keeps."""
 MAX_REJECTION_TEXT = 300
@@ -274,6 +276,8 @@ class Job:
         self._lock = threading.Lock()
         self._version_changed = threading.Condition(self._lock)
         self._current = ModelSnapshot.copy_of(0, self.specs, initial)
+        self._versions_logged_at = -math.inf
+        self._versions_logged = 0
         self._previous: tuple[ModelSnapshot, ...] = ()
         """The latest versions before the current one, newest first, for resumed
         pulls; replaced whole (never changed in place), like `_current`."""
@@ -765,11 +769,18 @@ class Job:
         self._version_changed.notify_all()
         if self._journal is not None and not replaying:
             self._journal.published(self.job_id, self._current, seq)
+        # fedasync publishes a version per update, hundreds a second: every version
+        # is a DEBUG event, and INFO says where the job is at most every LOG_VERSIONS_EVERY_S
+        now = time.monotonic()
+        summary = not replaying and now - self._versions_logged_at >= LOG_VERSIONS_EVERY_S
         logger.log(
-            logging.DEBUG if replaying else logging.INFO,
-            "%s version %d", "replayed" if replaying else "published", self._current.version,
+            logging.INFO if summary else logging.DEBUG,
+            "%s version %d%s", "replayed" if replaying else "published", self._current.version,
+            f" ({self._current.version - self._versions_logged} since the last such line)" if summary and self._versions_logged else "",
             extra=log_context(job=self.job_id, version=self._current.version),
         )  # fmt: skip
+        if summary:
+            self._versions_logged_at, self._versions_logged = now, self._current.version
 
 
 class AggregationCore:

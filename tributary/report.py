@@ -16,6 +16,7 @@ import html
 import json
 import re
 import sqlite3
+import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -319,7 +320,7 @@ def plot(record: RunRecord, out_dir: Path) -> None:
             axes.step([0.0, *xs], [0.0, *ys], where="post", linewidth=1)
             axes.set_ylim(bottom=0)
             axes.set_ylabel("MB uploaded (cumulative)")
-        axes.set_xlabel(record.bytes_label)
+        axes.set_xlabel(textwrap.fill(record.bytes_label, 64))  # the long labels wrap rather than run off the figure
         axes.set_title(f"{record.name}: bytes on the wire")
         save("bytes", figure)
 

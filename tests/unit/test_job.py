@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import warnings
@@ -477,3 +478,13 @@ def test_job_accepts_float16_and_float64() -> None:
     assert [s.dtype for s in job.specs] == [np.dtype("<f2"), np.dtype("<f8")]
     assert job.synchronous is False
     assert make_job("fedavg").synchronous is True
+
+
+def test_published_versions_are_each_a_debug_event_and_an_info_line_at_most_every_interval(caplog: pytest.LogCaptureFixture) -> None:
+    job = make_job("fedasync")
+    with caplog.at_level(logging.DEBUG, logger="tributary.server"):
+        for i in range(5):  # fedasync: one version per update, well inside one interval
+            push(job, f"k{i}", base=i)
+    published = [r for r in caplog.records if r.getMessage().startswith("published version")]
+    assert [r.version for r in published] == [1, 2, 3, 4, 5]  # type: ignore[attr-defined]
+    assert [r.levelno for r in published] == [logging.INFO] + [logging.DEBUG] * 4
