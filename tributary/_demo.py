@@ -76,7 +76,8 @@ def run_demo(options: dict[str, Any]) -> None:
     write_layout(certs.root, client_ids=[_client_id(shard) for shard in range(options["clients"])])
     tls = TLSConfig(cert_file=certs.server_cert, key_file=certs.server_key, client_ca_file=certs.ca_cert)
     config = ServerConfig(
-        address="127.0.0.1:0", jobs=(JobConfig(job_id="digits", strategy=strategy, secure_aggregation=secure),), tls=tls
+        address="127.0.0.1:0", jobs=(JobConfig(job_id="digits", strategy=strategy, secure_aggregation=secure),), tls=tls,
+        http_address=options["http_address"],
     )
     eval_model = DigitsCNN()
 
@@ -94,6 +95,8 @@ def run_demo(options: dict[str, Any]) -> None:
             f"server on {running.address} (mutual TLS): {strategy.name}{rule.get(strategy.name, '')}, "
             f"{len(fleet)} clients, round times {', '.join(f'{FAST_ROUND_S * f:.2f}s' for f, _ in fleet)}"
         )
+        if running.http_address is not None:  # HTTPS with the run's certificates: the browser trusts certs/ca.pem or warns
+            console.print(f"dashboard on https://{running.http_address}/ (CA certificate: {certs.ca_cert})", soft_wrap=True)
         history = History(started)
         history.add(0, evaluate(job.snapshot().tensors), job.stats.updates_accepted)
         try:
@@ -235,6 +238,8 @@ def _watch(
                 continue
             seen = snapshot.version
             history.add(seen, evaluate(snapshot.tensors), job.stats.updates_accepted)
+            # the demo is the job's evaluator: its accuracy shows on the dashboard and in /metrics
+            job.record_evaluation(seen, time.time(), {"accuracy": history.points[-1]["accuracy"]})
             progress.update(task, completed=min(seen, max_versions), accuracy=history.points[-1]["accuracy"])
 
 

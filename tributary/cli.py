@@ -199,12 +199,17 @@ def certs(**options: object) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), help="Where to write the run's results.")
 @click.option("--keep-versions-for-resume", type=int, default=None, help="Versions kept besides the current one for interrupted pulls to resume.  [default: 2]")
 @click.option("--secure-aggregation", is_flag=True, default=False, help="Aggregate in SecAgg+ cohorts of --buffer-size clients.")
+@click.option("--http-address", default=None, help="Serve the live dashboard and /metrics here while the demo runs (host:port; port 0 picks a free one).  [default: none]")
 def demo(**options: object) -> None:
     """Run a whole federation on this machine: a server, a fleet of clients of
     mixed speeds on non-IID digits shards, fedbuff; print what happened."""
+    from server.errors import ConfigError
     from tributary._demo import run_demo
 
-    run_demo(options)
+    try:
+        run_demo(options)
+    except ConfigError as error:  # e.g. a bad or taken --http-address
+        raise click.ClickException(str(error)) from error
 
 
 
