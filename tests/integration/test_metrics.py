@@ -9,16 +9,15 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from client_sdk import Client, JobNotFound, NotAcceptedNow, UpdateRejected
 from client_sdk._secure import SecureRound
 from server import JobConfig, StrategyConfig
 from server.app import RunningServer
 from server.config import SecAggConfig
+from tests.prometheus_text import Samples, parse_samples, value
 from tests.conftest import small_model
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 MODEL_BYTES = sum(array.nbytes for array in small_model().values())
 
 
@@ -28,15 +27,7 @@ def scrape(running: RunningServer) -> Samples:
     with urllib.request.urlopen(f"http://{running.http_address}/metrics", timeout=10) as response:
         assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
         body = response.read()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+    return parse_samples(body)
 
 
 def delta(scale: float = 0.1) -> dict[str, np.ndarray]:

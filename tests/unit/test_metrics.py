@@ -8,7 +8,6 @@ import threading
 import numpy as np
 import prometheus_client
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proto.secagg.protocol import ProtocolViolation
 from proto.secagg.quantize import FixedPoint
@@ -37,22 +36,13 @@ from server.metrics import COHORT_ABORT_REASONS, REJECTION_REASONS, ServerMetric
 from server.roster import ClientState
 from server.secagg import CohortAborted, CohortCoordinator
 from server.uploads import TruncatedPayload
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+from tests.prometheus_text import Samples, parse_samples, value
 
 
 def scrape(metrics: ServerMetrics) -> Samples:
     body, content_type = metrics.exposition()
     assert content_type.startswith("text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+    return parse_samples(body)
 
 
 @pytest.mark.parametrize(
