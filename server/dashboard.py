@@ -9,6 +9,7 @@ for longer than a copy of a few bounded deques takes.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ def _copy(stats: JobStats) -> _StatsCopy:
         versions=list(stats.versions)[-MAX_POINTS:],
         evaluations=[(v, t, dict(m)) for v, t, m in list(stats.evaluations)[-MAX_POINTS:]],
         staleness=dict(stats.staleness),
-        accepts=list(stats.recent_accepts),
+        # one entry per second that had acceptances: the newest RATE_SERIES_S + 1 cover the chart
+        accepts=list(itertools.islice(reversed(stats.recent_accepts), RATE_SERIES_S + 1))[::-1],
         rejections=list(stats.recent_rejections)[-MAX_REJECTIONS:],
         rejected=dict(stats.rejected),
         updates_accepted=stats.updates_accepted,
@@ -112,16 +114,20 @@ def job_snapshot(job: Job, cohorts: CohortManager | None = None, *, now: float |
 
 
 def _update_rate(accepts: list[tuple[float, int]], now: float) -> JSON:
+    """Rates from one-second buckets (JobStats.recent_accepts): a bucket that
+    straddles a window's start counts for the part of its second inside it."""
     windows = {}
     for window in RATE_WINDOWS_S:
-        count = sum(n for t, n in accepts if now - window < t <= now)
+        start = now - window
+        count = sum(n * min(1.0, second + 1 - start) for second, n in accepts if second + 1 > start and second <= now)
         windows[str(window)] = count / window
     buckets = RATE_SERIES_S // RATE_BUCKET_S
     counts = [0] * buckets
     start = now - RATE_SERIES_S
-    for t, n in accepts:
-        if start < t <= now:
-            counts[min(buckets - 1, int((t - start) // RATE_BUCKET_S))] += n
+    for second, n in accepts:
+        middle = min(second + 0.5, now)  # a second falls in the chart's bucket that holds most of it
+        if start < middle <= now:
+            counts[min(buckets - 1, int((middle - start) // RATE_BUCKET_S))] += n
     series = [[start + (i + 1) * RATE_BUCKET_S, count / RATE_BUCKET_S] for i, count in enumerate(counts)]
     return {"per_second": windows, "series": series, "bucket_s": RATE_BUCKET_S}
 
