@@ -156,7 +156,42 @@ def _profile(running: Any) -> dict[str, float]:
     }
 
 
+class _HttpProbe:
+    """Thread CPU and wall time spent serving HTTP connections (each in its own
+    short-lived thread, so psutil's per-thread times would lose them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.cpu_s = 0.0
+        self.wall_s = 0.0
+        self.requests = 0
+
+    def install(self) -> None:
+        from server import http as endpoint
+
+        handle = endpoint._Handler.handle
+        probe = self
+
+        def timed_handle(handler: Any) -> None:
+            cpu, wall = time.thread_time(), time.perf_counter()
+            try:
+                handle(handler)
+            finally:
+                with probe._lock:
+                    probe.cpu_s += time.thread_time() - cpu
+                    probe.wall_s += time.perf_counter() - wall
+                    probe.requests += 1
+
+        endpoint._Handler.handle = timed_handle  # type: ignore[method-assign,assignment]
+
+    def read(self) -> tuple[float, float, int]:
+        with self._lock:
+            return self.cpu_s, self.wall_s, self.requests
+
+
 def _server_main(conn: Connection, params: int, max_workers: int, http: bool) -> None:
+    probe = _HttpProbe()
+    probe.install()
     job = JobConfig(job_id=JOB_ID, strategy=StrategyConfig(name="fedbuff"), max_staleness=None)
     config = ServerConfig(
         address=f"{LOOPBACK}:0",
@@ -172,6 +207,8 @@ def _server_main(conn: Connection, params: int, max_workers: int, http: bool) ->
         while (command := conn.recv()) != "stop":
             if command == "profile":
                 conn.send(_profile(running))
+            elif command == "http":
+                conn.send(probe.read())
 
 
 class ServerProcess:
@@ -190,6 +227,11 @@ class ServerProcess:
         assert self._process.pid is not None
         times = psutil.Process(self._process.pid).cpu_times()
         return float(times.user + times.system)
+
+    def http_cpu_s(self) -> float:
+        """Thread CPU its HTTP endpoint spent serving connections so far."""
+        self._pipe.send("http")
+        return float(_receive(self._pipe, 30.0)[0])
 
     def profile(self) -> dict[str, float]:
         self._pipe.send("profile")
@@ -370,6 +412,8 @@ class ModeWindow:
     wall_s: float
     """From the window's announcement to the last report: what the CPU figures are divided by."""
     server_cpu_s: float
+    http_cpu_s: float
+    """Thread CPU the server's HTTP handler threads used (part of server_cpu_s)."""
     watcher_cpu_s: float
     box_cpu: float
     watch: WatchReport
@@ -393,6 +437,8 @@ class ModeResult:
     server_cpu: float
     """Cores the server process kept busy."""
     server_cpu_ms_per_update: float
+    http_cpu: float
+    """Cores the server's HTTP handling kept busy (part of server_cpu)."""
     watcher_cpu: float
     box_cpu: float
     requests_per_s: float
@@ -410,7 +456,7 @@ def _measure_mode(
     watching = bool(WATCHERS[mode])
     watcher_process = psutil.Process(watcher_pid)
     watcher_cpu = sum(watcher_process.cpu_times()[:2])
-    server_cpu, machine = server.cpu_s(), psutil.cpu_times()
+    server_cpu, http_cpu, machine = server.cpu_s(), server.http_cpu_s(), psutil.cpu_times()
     started = time.monotonic()
     if watching:
         assert server.http_address is not None
@@ -420,6 +466,7 @@ def _measure_mode(
     watch = _receive(watcher, window_s + 2 * HTTP_TIMEOUT_S) if watching else WatchReport()
     wall = time.monotonic() - started
     server_cpu, machine_busy = server.cpu_s() - server_cpu, _busy_cores(machine, psutil.cpu_times(), wall)
+    http_cpu = server.http_cpu_s() - http_cpu
     watch.errors.extend(e for r in reports for e in r.errors)
     end = max([e for r in reports for e in r.ends] + [begin + 1e-9])
     return ModeWindow(
@@ -427,6 +474,7 @@ def _measure_mode(
         elapsed_s=end - begin,
         wall_s=wall,
         server_cpu_s=server_cpu,
+        http_cpu_s=http_cpu,
         watcher_cpu_s=sum(watcher_process.cpu_times()[:2]) - watcher_cpu,
         box_cpu=machine_busy,
         watch=watch,
@@ -440,15 +488,14 @@ def run_ingest(args: argparse.Namespace, context: multiprocessing.context.SpawnC
     procs = max(1, min(args.client_procs, args.clients))
     windows: dict[str, list[ModeWindow]] = {mode: [] for mode in args.modes}
     with contextlib.ExitStack() as stack:
-        servers = {
-            OFF: ServerProcess(context, OFF, args.params, max_workers, http=False),
-            WATCHED: ServerProcess(context, "http-on", args.params, max_workers, http=True),
-        }
+        # One server per mode, so each holds only the history its own windows
+        # pushed (a server pushed to twice as long has twice the remembered
+        # idempotency keys and a fuller history, which slows it on its own).
+        servers = {mode: ServerProcess(context, mode, args.params, max_workers, http=mode != OFF) for mode in args.modes}
         for server in servers.values():
             stack.callback(server.stop)
         for server in servers.values():
             server.wait_ready()
-        server_of = {OFF: servers[OFF], IDLE: servers[WATCHED], WATCHED: servers[WATCHED], AGGRESSIVE: servers[WATCHED]}
         addresses = {s.name: s.address for s in servers.values()}
         tasks = [PushTask(addresses, args.params, n, i) for i, n in enumerate(_split(args.clients, procs))]
         pushers = PusherPool(context, tasks)
@@ -463,18 +510,18 @@ def run_ingest(args: argparse.Namespace, context: multiprocessing.context.SpawnC
         window_s = args.seconds / args.rounds
         modes = list(args.modes)
         for mode in modes:  # warm-up, not counted: first connections, first snapshots, allocator growth
-            _measure_mode(mode, server_of[mode], pushers, watcher, watcher_process.pid, WARMUP_S, args.max_updates)
+            _measure_mode(mode, servers[mode], pushers, watcher, watcher_process.pid, WARMUP_S, args.max_updates)
         for round_ in range(args.rounds):
             shift = round_ % len(modes)  # rotate: no mode always first or last
             for mode in modes[shift:] + modes[:shift]:
-                result = _measure_mode(mode, server_of[mode], pushers, watcher, watcher_process.pid, window_s, args.max_updates)
+                result = _measure_mode(mode, servers[mode], pushers, watcher, watcher_process.pid, window_s, args.max_updates)
                 windows[mode].append(result)
                 print(
                     f"  round {round_ + 1:>2}/{args.rounds} {mode:<10} {result.rate:7.1f} upd/s  "
-                    f"srv {result.server_cpu_s / result.wall_s:.2f}  watcher {result.watcher_cpu_s / result.wall_s:.2f} cores",
+                    f"srv {result.server_cpu_s / result.wall_s:.2f}  http {result.http_cpu_s / result.wall_s:.3f}  watcher {result.watcher_cpu_s / result.wall_s:.2f} cores",
                     flush=True,
                 )
-        profile = servers[WATCHED].profile()
+        profile = servers[WATCHED].profile() if WATCHED in servers else {}
     return _summarize_modes(args, windows), profile
 
 
@@ -502,6 +549,7 @@ def _summarize_modes(args: argparse.Namespace, windows: dict[str, list[ModeWindo
                 paired_ratio=statistics.median(w.rate / off.rate for w, off in zip(runs, reference)),
                 server_cpu=sum(w.server_cpu_s for w in runs) / wall,
                 server_cpu_ms_per_update=sum(w.server_cpu_s for w in runs) / max(sum(w.updates for w in runs), 1) * 1e3,
+                http_cpu=sum(w.http_cpu_s for w in runs) / wall,
                 watcher_cpu=sum(w.watcher_cpu_s for w in runs) / wall,
                 box_cpu=statistics.fmean(w.box_cpu for w in runs),
                 requests_per_s=latencies.size / sum(w.elapsed_s for w in runs),
@@ -660,7 +708,7 @@ def print_report(args: argparse.Namespace, modes: Sequence[ModeResult], ingest_p
         )
         for name in (
             "mode", "watchers", "upd/s", "MB/s", "vs off", "paired", "upd/s per window", "HTTP req/s", "req p50 ms", "req p99 ms",
-            "srv CPU", "srv CPU ms/upd", "watcher CPU", "box CPU",
+            "srv CPU", "srv CPU ms/upd", "srv HTTP CPU", "watcher CPU", "box CPU",
         ):
             table.add_column(name, justify="right")
         for m in modes:
@@ -671,7 +719,7 @@ def print_report(args: argparse.Namespace, modes: Sequence[ModeResult], ingest_p
                 m.mode, m.watchers, f"{m.updates_per_s:.1f}", f"{m.mb_per_s:.0f}", f"{m.ratio:.1%}{verdict}", f"{m.paired_ratio:.1%}",
                 " ".join(f"{x:.0f}" for x in m.updates_per_s_windows), f"{m.requests_per_s:.1f}",
                 f"{m.request_p50_ms:.1f}", f"{m.request_p99_ms:.1f}", f"{m.server_cpu:.2f}", f"{m.server_cpu_ms_per_update:.2f}",
-                f"{m.watcher_cpu:.2f}", f"{m.box_cpu:.2f}",
+                f"{m.http_cpu:.3f}", f"{m.watcher_cpu:.2f}", f"{m.box_cpu:.2f}",
             )
         console.print(table)
         console.print(f"watched server after the run, in-process median ms: {_profile_line(ingest_profile)}")
