@@ -1,4 +1,5 @@
-"""server.dashboard's update rate, read from the job's per-second acceptance log."""
+"""server.dashboard: the update rate, read from the job's per-second acceptance
+log, and the downsampled version and evaluation series."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from proto.tensors import specs_of
 from server.config import JobConfig, StrategyConfig
 from server.core import VERSION_LOG_LENGTH, Job, JobStats, Update, UpdateHeader
-from server.dashboard import RATE_BUCKET_S, RATE_SERIES_S, job_snapshot
+from server.dashboard import MAX_POINTS, MAX_SHOWN_POINTS, RATE_BUCKET_S, RATE_SERIES_S, downsample_by_version, job_snapshot
 
 
 def make_job() -> Job:
@@ -56,3 +57,45 @@ def test_a_second_straddling_a_window_start_counts_for_its_part_inside() -> None
     assert job_snapshot(job, now=1010.25)["update_rate"]["per_second"]["10"] == pytest.approx(10 * 0.75 / 10)
     assert job_snapshot(job, now=1011.0)["update_rate"]["per_second"]["10"] == 0
     assert job_snapshot(job, now=1011.0)["update_rate"]["per_second"]["60"] == pytest.approx(10 / 60)
+
+
+def test_a_short_series_is_sent_whole() -> None:
+    points = [(v, float(v)) for v in range(MAX_SHOWN_POINTS)]
+    assert downsample_by_version(points, lambda p: p[0]) == points
+
+
+@pytest.mark.parametrize(("first", "count", "step"), [(0, 501, 1), (0, 2000, 1), (7_999, 2000, 1), (3, 2000, 10), (0, 1200, 3)])
+def test_a_long_series_keeps_first_newest_and_evenly_spread_points(first: int, count: int, step: int) -> None:
+    points = [(first + i * step, 1000.0 + i) for i in range(count)]
+    kept = downsample_by_version(points, lambda p: p[0])
+    assert MAX_SHOWN_POINTS // 2 < len(kept) <= MAX_SHOWN_POINTS  # k is a whole number of versions
+    assert kept[0] == points[0] and kept[-1] == points[-1]
+    assert all(a[0] < b[0] for a, b in zip(kept, kept[1:])), "in order, no repeats"
+    gaps = [b[0] - a[0] for a, b in zip(kept[1:], kept[2:-1])]
+    assert max(gaps) <= 2 * min(gaps), "evenly spread between the ends"
+
+
+def test_the_points_kept_stay_the_same_while_the_window_slides() -> None:
+    # the newest MAX_POINTS of a growing history, one poll after another: a
+    # point shown once stays shown while it is in the window (no flicker)
+    history = [(v, float(v)) for v in range(10_000)]
+    before = downsample_by_version(history[5000 : 5000 + MAX_POINTS], lambda p: p[0])
+    after = downsample_by_version(history[5003 : 5003 + MAX_POINTS], lambda p: p[0])
+    overlap = set(before[1:-1]) & {p for p in history[5003 : 5002 + MAX_POINTS]}
+    assert overlap <= set(after)
+
+
+def test_the_snapshot_sends_at_most_max_shown_points_of_versions_and_evaluations() -> None:
+    job = make_job()
+
+    def fill(stats: JobStats) -> None:
+        stats.versions.clear()
+        stats.versions.extend((v, 1000.0 + v) for v in range(3000))
+        stats.evaluations.extend((v, 1000.0 + v, {"accuracy": v / 3000}) for v in range(0, 3000, 2))
+
+    job.read_stats(fill)
+    snapshot = job_snapshot(job, now=5000.0)
+    versions, evaluations = snapshot["versions"], snapshot["evaluations"]
+    assert len(versions) <= MAX_SHOWN_POINTS and len(evaluations) <= MAX_SHOWN_POINTS
+    assert versions[0] == [3000 - MAX_POINTS, 1000.0 + 3000 - MAX_POINTS] and versions[-1] == [2999, 3999.0]
+    assert evaluations[0]["version"] == 0 and evaluations[-1] == {"version": 2998, "time": 3998.0, "metrics": {"accuracy": 2998 / 3000}}
