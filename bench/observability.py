@@ -157,8 +157,10 @@ def _profile(running: Any) -> dict[str, float]:
 
 
 class _HttpProbe:
-    """Thread CPU and wall time spent serving HTTP connections (each in its own
-    short-lived thread, so psutil's per-thread times would lose them)."""
+    """Thread CPU and wall time spent serving HTTP requests (each connection in
+    its own thread, short-lived or idle between kept-alive requests, so psutil's
+    per-thread times would lose them). Counted per request, so a kept-alive
+    connection's CPU lands in the window that used it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -169,7 +171,7 @@ class _HttpProbe:
     def install(self) -> None:
         from server import http as endpoint
 
-        handle = endpoint._Handler.handle
+        handle = endpoint._Handler.handle_one_request
         probe = self
 
         def timed_handle(handler: Any) -> None:
@@ -182,7 +184,7 @@ class _HttpProbe:
                     probe.wall_s += time.perf_counter() - wall
                     probe.requests += 1
 
-        endpoint._Handler.handle = timed_handle  # type: ignore[method-assign,assignment]
+        endpoint._Handler.handle_one_request = timed_handle  # type: ignore[method-assign,assignment]
 
     def read(self) -> tuple[float, float, int]:
         with self._lock:
@@ -327,18 +329,19 @@ class PusherPool:
 # --------------------------------------------------------------------------- #
 
 
-def http_get(address: str, path: str) -> tuple[float, int]:
-    """(seconds, body bytes) of one GET on a new connection, as a scraper or a
-    browser's poll makes it (the endpoint answers HTTP/1.0 and closes)."""
-    host, _, port = address.rpartition(":")
+def http_get(connection: http.client.HTTPConnection, path: str) -> tuple[float, int]:
+    """(seconds, body bytes) of one GET on `connection`, kept alive between
+    polls as a browser tab or Prometheus keeps it (it reconnects by itself
+    when the server closed it, e.g. after its keep-alive idle limit)."""
     started = time.perf_counter()
-    connection = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT_S)
     try:
         connection.request("GET", path)
         response = connection.getresponse()
-        body = response.read()
-    finally:
-        connection.close()
+    except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+        connection.close()  # closed by the server while idle: once more on a new connection
+        connection.request("GET", path)
+        response = connection.getresponse()
+    body = response.read()
     if response.status != 200:
         raise RuntimeError(f"GET {path}: HTTP {response.status} {body[:200]!r}")
     return time.perf_counter() - started, len(body)
@@ -367,16 +370,20 @@ def _poll(order: WatchOrder, index: int, path: str, period_s: float, report: Wat
     due = order.begin + period_s * (index + 0.5) / max(len(order.watchers), 1)
     latencies: list[float] = []
     late, size = 0, 0
+    host, _, port = order.address.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT_S)
     try:
         while due < order.end:
             time.sleep(max(0.0, due - time.monotonic()))
             if time.monotonic() - due > period_s:
                 late += 1
-            seconds, size = http_get(order.address, path)
+            seconds, size = http_get(connection, path)
             latencies.append(seconds)
             due += period_s
     except Exception as error:  # noqa: BLE001 - reported to the parent, which prints it
         report.errors.append(f"{path}: {error!r}"[:300])
+    finally:
+        connection.close()
     with lock:
         report.latencies_s.setdefault(path, []).extend(latencies)
         report.body_bytes[path] = max(report.body_bytes.get(path, 0), size)
@@ -641,13 +648,13 @@ def run_scale(args: argparse.Namespace, context: multiprocessing.context.SpawnCo
         fill_s = time.monotonic() - started
         jobs = json.loads(_get_body(server.http_address, JOB_PATH))
         for path in SCALE_PATHS:  # warm up: first imports, first connections
-            http_get(server.http_address, path)
+            _fresh_get(server.http_address, path)
         latencies: dict[str, list[float]] = {path: [] for path in SCALE_PATHS}
         sizes: dict[str, int] = {}
         for round_ in range(args.requests):
             shift = round_ % len(SCALE_PATHS)
             for path in SCALE_PATHS[shift:] + SCALE_PATHS[:shift]:
-                seconds, sizes[path] = http_get(server.http_address, path)
+                seconds, sizes[path] = _fresh_get(server.http_address, path)
                 latencies[path].append(seconds)
         in_process = server.profile()
     finally:
@@ -673,6 +680,16 @@ def run_scale(args: argparse.Namespace, context: multiprocessing.context.SpawnCo
         paths=paths,
         in_process_ms=in_process,
     )
+
+
+def _fresh_get(address: str, path: str) -> tuple[float, int]:
+    """http_get on a new connection (closed after): a request's whole cost, connection included."""
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT_S)
+    try:
+        return http_get(connection, path)
+    finally:
+        connection.close()
 
 
 def _get_body(address: str, path: str) -> bytes:

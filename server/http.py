@@ -441,7 +441,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: http.HTTPStatus, body: bytes, content_type: str, *, head: bool, headers: dict[str, str] | None = None) -> None:
         self._responded = True
-        if self.headers is not None and (self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers):
+        request_headers = getattr(self, "headers", None)  # none yet when the parser failed on the request line
+        if request_headers is not None and (request_headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in request_headers):
             # a body no route reads: on a kept connection it would be taken for the next request
             self.close_connection = True
             headers = {**(headers or {}), "Connection": "close"}
