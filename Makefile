@@ -33,6 +33,7 @@ bench: $(BIN)/tributary
 	$(BIN)/python -m bench.secagg
 	$(BIN)/python -m bench.durability
 	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.observability
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.time_to_accuracy
 

@@ -193,8 +193,19 @@ class JobStats:
     recent_rejections: collections.deque[tuple[float, str, str]] = field(default_factory=lambda: collections.deque(maxlen=RECENT_REJECTIONS))
     """(unix time, client id or "", reason) of the latest refused pushes, for the dashboard."""
     recent_accepts: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
-    """(unix time, updates accepted then: 1 per push, a cohort's contributors) of the latest
-    acceptances, for the dashboard's update rate (not restored by recovery: a rate is live)."""
+    """(start of a one-second bucket in unix time, updates accepted in it: 1 per push, a
+    cohort's contributors) for the latest seconds that had any, for the dashboard's update
+    rate (not restored by recovery: a rate is live). One entry per second, not per update,
+    so a busy job's last minutes fit and the dashboard reads only the few hundred it shows."""
+
+    def note_accepted(self, count: int, now: float | None = None) -> None:
+        """Count `count` updates accepted at `now` (unix time; default: the current time)."""
+        second = float(math.floor(time.time() if now is None else now))
+        accepts = self.recent_accepts
+        if accepts and accepts[-1][0] == second:
+            accepts[-1] = (second, accepts[-1][1] + count)
+        else:
+            accepts.append((second, count))
 
 
 class Journal(Protocol):
@@ -350,7 +361,7 @@ class Job:
         with self._lock:
             self._publish(self._cohort_params(weighted_sum, weight_sum), seq, replaying=True, energy=self._energy_pending + energy_joules)
             self.stats.updates_accepted += contributors
-            self.stats.recent_accepts.append((time.time(), contributors))
+            self.stats.note_accepted(contributors)
             self.stats.cohorts_applied += 1
 
     def remember_acks(self, acks: Iterable[tuple[UpdateHeader, PushOutcome]], *, more_in_log: bool) -> None:
@@ -614,7 +625,7 @@ class Job:
             self._energy_pending += header.energy_joules
         self.stats.updates_accepted += 1
         if not replaying:
-            self.stats.recent_accepts.append((time.time(), 1))
+            self.stats.note_accepted(1)
         self.stats.staleness[outcome.staleness] += 1
         self.stats.updates_per_client[header.client_id] += 1
 

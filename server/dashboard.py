@@ -9,17 +9,22 @@ for longer than a copy of a few bounded deques takes.
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from server.cohorts import CohortManager
 from server.core import AggregationCore, Job, JobStats
 from server.roster import ClientPresence
 
 MAX_POINTS = 2000
-"""Newest points of each time series a snapshot carries (versions, evaluations)."""
+"""Newest points of each time series a snapshot covers (versions, evaluations)..."""
+MAX_SHOWN_POINTS = 500
+"""...and at most how many of them it sends (downsample_by_version): a chart a
+few hundred pixels wide shows no more, and the body stays small to encode."""
 MAX_ROSTER_ROWS = 500
 """Clients listed, most recently heard from first; the state counts cover all of them."""
 MAX_REJECTIONS = 50
@@ -32,6 +37,26 @@ DROPPED_AFTER_HEARTBEATS = 2
 """A client is shown as dropped once it missed this many heartbeat intervals."""
 
 JSON = dict[str, Any]
+Point = TypeVar("Point")
+
+
+def downsample_by_version(points: Sequence[Point], version: Callable[[Point], int], max_points: int = MAX_SHOWN_POINTS) -> list[Point]:
+    """At most `max_points` of `points` (in version order): the first, and the
+    newest of each run of `k` versions (k as small as fits), so the newest
+    point is always kept. Runs are counted from version 0, not from the
+    window's start, so the points picked stay the same from one snapshot to
+    the next while the window slides and a chart does not flicker."""
+    if len(points) <= max_points:
+        return list(points)
+    assert max_points >= 3
+    span = version(points[-1]) - version(points[0])
+    # runs met: at most span // k + 2; plus the first point
+    k = max(1, math.ceil(span / (max_points - 3)))
+    kept = [points[0]]
+    for index, point in enumerate(points[1:], start=1):
+        if index == len(points) - 1 or version(points[index + 1]) // k != version(point) // k:
+            kept.append(point)
+    return kept
 
 
 @dataclass(frozen=True)
@@ -50,10 +75,11 @@ class _StatsCopy:
 
 def _copy(stats: JobStats) -> _StatsCopy:
     return _StatsCopy(
-        versions=list(stats.versions)[-MAX_POINTS:],
-        evaluations=[(v, t, dict(m)) for v, t, m in list(stats.evaluations)[-MAX_POINTS:]],
+        versions=list(itertools.islice(reversed(stats.versions), MAX_POINTS))[::-1],
+        evaluations=list(itertools.islice(reversed(stats.evaluations), MAX_POINTS))[::-1],
         staleness=dict(stats.staleness),
-        accepts=list(stats.recent_accepts),
+        # one entry per second that had acceptances: the newest RATE_SERIES_S + 1 cover the chart
+        accepts=list(itertools.islice(reversed(stats.recent_accepts), RATE_SERIES_S + 1))[::-1],
         rejections=list(stats.recent_rejections)[-MAX_REJECTIONS:],
         rejected=dict(stats.rejected),
         updates_accepted=stats.updates_accepted,
@@ -88,8 +114,10 @@ def job_snapshot(job: Job, cohorts: CohortManager | None = None, *, now: float |
         "secure_aggregation": job.config.secure_aggregation is not None,
         "version": snapshot.version,
         "version_published": snapshot.created_at,
-        "versions": [[version, published] for version, published in stats.versions],
-        "evaluations": [{"version": v, "time": t, "metrics": m} for v, t, m in stats.evaluations],
+        "versions": [[v, published] for v, published in downsample_by_version(stats.versions, lambda point: point[0])],
+        "evaluations": [
+            {"version": v, "time": t, "metrics": dict(m)} for v, t, m in downsample_by_version(stats.evaluations, lambda point: point[0])
+        ],
         "staleness": [[staleness, count] for staleness, count in sorted(stats.staleness.items())],
         "update_rate": _update_rate(stats.accepts, now),
         "counters": {
@@ -112,16 +140,20 @@ def job_snapshot(job: Job, cohorts: CohortManager | None = None, *, now: float |
 
 
 def _update_rate(accepts: list[tuple[float, int]], now: float) -> JSON:
+    """Rates from one-second buckets (JobStats.recent_accepts): a bucket that
+    straddles a window's start counts for the part of its second inside it."""
     windows = {}
     for window in RATE_WINDOWS_S:
-        count = sum(n for t, n in accepts if now - window < t <= now)
+        start = now - window
+        count = sum(n * min(1.0, second + 1 - start) for second, n in accepts if second + 1 > start and second <= now)
         windows[str(window)] = count / window
     buckets = RATE_SERIES_S // RATE_BUCKET_S
     counts = [0] * buckets
     start = now - RATE_SERIES_S
-    for t, n in accepts:
-        if start < t <= now:
-            counts[min(buckets - 1, int((t - start) // RATE_BUCKET_S))] += n
+    for second, n in accepts:
+        middle = min(second + 0.5, now)  # a second falls in the chart's bucket that holds most of it
+        if start < middle <= now:
+            counts[min(buckets - 1, int((middle - start) // RATE_BUCKET_S))] += n
     series = [[start + (i + 1) * RATE_BUCKET_S, count / RATE_BUCKET_S] for i, count in enumerate(counts)]
     return {"per_second": windows, "series": series, "bucket_s": RATE_BUCKET_S}
 

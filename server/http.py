@@ -28,18 +28,34 @@ input never takes it down: each connection has its own thread, a read timeout
 connection gets 503 at once); every error, the parser's included, is a JSON
 body {"error", "status"}; a failure inside a route is logged with its
 traceback and answered 500.
+
+Snapshots are cached: the encoded body of /api/jobs and of each
+/api/jobs/JOB is shared by every request within `snapshot_max_age_s` of
+its build (default 1 s, the page's poll period), and a stale one is rebuilt
+by one request while the others that want it wait for that build
+(SnapshotCache). Five tabs and a Grafana panel then cost one build a second,
+not six, and a fast poller cannot make the server build faster than that.
+/metrics is not cached: a scrape expects fresh values and is cheap.
+
+HTTP/1.1 with keep-alive: a browser tab polls over one connection rather than
+opening one (and a server thread) per request. A kept connection holds its
+place among MAX_CONNECTIONS, so it is closed after KEEP_ALIVE_IDLE_S without
+a next request, and a request that came with a body (never read: every route
+is GET/HEAD) is answered with Connection: close.
 """
 
 from __future__ import annotations
 
 import http
+import io
 import json
 import logging
 import math
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
@@ -69,6 +85,11 @@ write stalls this long is closed."""
 MAX_CONNECTIONS = 64
 """Connections served at once (one thread each); more are refused with 503
 until one ends, so stalled clients cannot pile up threads."""
+KEEP_ALIVE_IDLE_S = 5.0
+"""A kept-alive connection with no next request for this long is closed (the
+page polls every second; a browser keeps idle connections far longer)."""
+SNAPSHOT_MAX_AGE_S = 1.0
+"""How long an encoded snapshot is served to every request before one rebuilds it."""
 MAX_SHOWN_PATH = 200
 """Characters of a request's path echoed back in an error message."""
 BUSY_RESPONSE = (
@@ -79,6 +100,54 @@ BUSY_RESPONSE = (
 
 def _static(name: str) -> bytes:
     return resources.files("server").joinpath("static", name).read_bytes()
+
+
+class _CacheEntry:
+    __slots__ = ("body", "built_at", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        """Held by the one request that builds this entry; the others wait on it."""
+        self.body: bytes | None = None
+        self.built_at = 0.0
+
+
+class SnapshotCache:
+    """Encoded bodies by key, each served until `max_age_s` after its build.
+    A stale or missing entry is built by one caller at a time: the others
+    that want it wait, then get what it built. A build that raises caches
+    nothing (the next caller tries again). `max_age_s <= 0` builds every time."""
+
+    def __init__(self, max_age_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not (math.isfinite(max_age_s) and max_age_s >= 0):
+            raise ValueError(f"snapshot_max_age_s must be a finite number >= 0, got {max_age_s!r}")
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._entries: dict[Hashable, _CacheEntry] = {}
+        self._entries_lock = threading.Lock()
+
+    def get(self, key: Hashable, build: Callable[[], bytes]) -> bytes:
+        if self.max_age_s <= 0:
+            return build()
+        with self._entries_lock:
+            entry = self._entries.setdefault(key, _CacheEntry())
+        with entry.lock:
+            if entry.body is not None and self._clock() - entry.built_at < self.max_age_s:
+                return entry.body
+            try:
+                body = build()
+            except BaseException:
+                if entry.body is None:  # nothing worth keeping: unknown keys (a 404's job id) must not pile up
+                    with self._entries_lock:
+                        if self._entries.get(key) is entry:
+                            del self._entries[key]
+                raise
+            entry.body, entry.built_at = body, self._clock()
+            return body
+
+    def __len__(self) -> int:
+        with self._entries_lock:
+            return len(self._entries)
 
 
 class HttpEndpoint:
@@ -96,6 +165,9 @@ class HttpEndpoint:
         tls_files: tuple[str, str] | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
+        keep_alive_idle_s: float = KEEP_ALIVE_IDLE_S,
+        snapshot_max_age_s: float = SNAPSHOT_MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._address = address
         self._metrics = metrics
@@ -105,6 +177,8 @@ class HttpEndpoint:
         self._tls_files = tls_files
         self._max_connections = max_connections
         self._request_timeout_s = request_timeout_s
+        self._keep_alive_idle_s = keep_alive_idle_s
+        self.snapshots = SnapshotCache(snapshot_max_age_s, clock=clock)
         self._assets = {name: _static(name) for name in STATIC_TYPES}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -160,6 +234,7 @@ class HttpEndpoint:
         class Handler(_Handler):
             owner = endpoint
             timeout = endpoint._request_timeout_s
+            keep_alive_idle_s = endpoint._keep_alive_idle_s
 
         return Handler
 
@@ -170,6 +245,13 @@ class HttpEndpoint:
             return True
         scheme, _, token = (header or "").partition(" ")
         return scheme.lower() == "bearer" and self._admin.matches(token.strip() or None)
+
+    def jobs_body(self) -> bytes:
+        return self.snapshots.get("jobs", lambda: _encode(self._jobs()))
+
+    def job_body(self, job_id: str) -> bytes:
+        """Raises JobNotFound for an unknown job (not cached)."""
+        return self.snapshots.get(("job", job_id), lambda: _encode(self._job(job_id)))
 
 
 class _Server(ThreadingHTTPServer):
@@ -237,9 +319,31 @@ class _Handler(BaseHTTPRequestHandler):
     owner: HttpEndpoint
     server_version = "tributary"
     sys_version = ""
+    protocol_version = "HTTP/1.1"
     timeout = REQUEST_TIMEOUT_S
+    keep_alive_idle_s = KEEP_ALIVE_IDLE_S
+    _served = 0
+    """Requests answered on this connection so far."""
     _responded = False
     """Whether this request's status line went out (a failure after it cannot become a 500)."""
+
+    def handle_one_request(self) -> None:
+        if self._served:
+            # between requests on a kept connection: wait at most keep_alive_idle_s
+            # for the next one to begin, then the usual timeout for the rest of it
+            self.connection.settimeout(self.keep_alive_idle_s)
+            try:
+                if not isinstance(self.rfile, io.BufferedReader) or not self.rfile.peek(1):
+                    self.close_connection = True  # the client closed it
+                    return
+            except OSError:  # TimeoutError included: idle too long
+                self.close_connection = True
+                return
+            finally:
+                self.connection.settimeout(self.timeout)
+        self._responded = False
+        super().handle_one_request()
+        self._served += 1
 
     def do_GET(self) -> None:
         self._serve(head=False)
@@ -303,14 +407,14 @@ class _Handler(BaseHTTPRequestHandler):
             body, content_type = self.owner._metrics()
             self._send(http.HTTPStatus.OK, body, content_type, head=head)
         elif path == "/api/jobs":
-            self._json(self.owner._jobs(), head=head)
+            self._send(http.HTTPStatus.OK, self.owner.jobs_body(), "application/json", head=head)
         elif path.startswith("/api/jobs/") and path.count("/") == 3:
             try:
-                snapshot = self.owner._job(path.removeprefix("/api/jobs/"))
+                body = self.owner.job_body(path.removeprefix("/api/jobs/"))
             except JobNotFound as error:
                 self._error(http.HTTPStatus.NOT_FOUND, str(error), head=head)
                 return
-            self._json(snapshot, head=head)
+            self._send(http.HTTPStatus.OK, body, "application/json", head=head)
         elif path in ("/", "/index.html"):
             self._asset("index.html", head=head)
         elif path.startswith("/static/") and path.removeprefix("/static/") in STATIC_TYPES:
@@ -324,11 +428,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(http.HTTPStatus.OK, self.owner._assets[name], STATIC_TYPES[name], head=head)
 
     def _json(self, value: object, *, head: bool) -> None:
-        try:
-            body = json.dumps(value, allow_nan=False)
-        except ValueError:  # a NaN or infinity (a diverged model's loss): JSON has no such number
-            body = json.dumps(_finite(value), allow_nan=False)
-        self._send(http.HTTPStatus.OK, body.encode(), "application/json", head=head)
+        self._send(http.HTTPStatus.OK, _encode(value), "application/json", head=head)
 
     def _error(
         self, status: http.HTTPStatus, message: str, *, head: bool = False, allow: str | None = None, extra: dict[str, str] | None = None
@@ -341,6 +441,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: http.HTTPStatus, body: bytes, content_type: str, *, head: bool, headers: dict[str, str] | None = None) -> None:
         self._responded = True
+        request_headers = getattr(self, "headers", None)  # none yet when the parser failed on the request line
+        if request_headers is not None and (request_headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in request_headers):
+            # a body no route reads: on a kept connection it would be taken for the next request
+            self.close_connection = True
+            headers = {**(headers or {}), "Connection": "close"}
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -355,6 +460,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         logger.debug("%s %s", self.address_string(), format % args)
+
+
+def _encode(value: object) -> bytes:
+    """`value` as a JSON body."""
+    try:
+        return json.dumps(value, allow_nan=False).encode()
+    except ValueError:  # a NaN or infinity (a diverged model's loss): JSON has no such number
+        return json.dumps(_finite(value), allow_nan=False).encode()
 
 
 def _request_path(target: str) -> str:

@@ -4,6 +4,7 @@ TLS files, and the errors: unknown paths, wrong methods, bad addresses."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
@@ -246,7 +247,7 @@ def test_a_secure_cohort_shows_its_phase_and_members_then_counts_as_applied(serv
             assert secure_round._setup is not None
             secure_round._setup.join(60)
             assert not secure_round._setup.is_alive() and secure_round._setup_error is None, secure_round._setup_error
-        job = get_json(url)[1]
+        job = poll_job(url, lambda j: [c["phase"] for c in j["cohorts"]["live"]] == ["masked_input"], what="the cohort in masked_input")  # snapshots are cached up to 1 s
         (cohort,) = job["cohorts"]["live"]
         assert job["cohorts"]["waiting"] == 0 and job["version"] == 0
         assert cohort["phase"] == "masked_input"  # keys advertised and shared by all three: members train now
@@ -266,7 +267,7 @@ def test_a_secure_cohort_shows_its_phase_and_members_then_counts_as_applied(serv
         for thread in uploads:
             thread.join(60)
         assert all(not isinstance(receipts[i], Exception) and receipts[i].version == 1 for i in range(3)), receipts
-        job = get_json(url)[1]
+        job = poll_job(url, lambda j: j["version"] == 1, what="version 1")
         (cohort,) = job["cohorts"]["live"]  # an ended cohort stays listed until it is pruned
         assert job["version"] == 1 and [v for v, _ in job["versions"]] == [0, 1]
         assert job["counters"]["cohorts_applied"] == 1 and job["counters"]["cohorts_aborted"] == 0
@@ -287,7 +288,7 @@ def test_a_secure_cohort_shows_its_phase_and_members_then_counts_as_applied(serv
 
 def raw(address: str, data: bytes, *, timeout_s: float = 30.0) -> tuple[int, dict[str, str], bytes]:
     """Send `data` as is on a fresh connection; (status, headers, body) of the
-    answer, read until the server closes (it speaks HTTP/1.0)."""
+    answer, read until the server closes (it closes after an HTTP/1.0 request)."""
     host, _, port = address.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
         connection.sendall(data)
@@ -452,3 +453,80 @@ def test_a_nan_metric_is_sent_as_null(serve: Callable[..., RunningServer]) -> No
     running.core.job("default").read_stats(lambda stats: stats.evaluations.append((0, time.time(), {"accuracy": 0.1, "loss": float("nan")})))
     status, job = get_json(base(running) + "/api/jobs/default")
     assert status == 200 and job["evaluations"][0]["metrics"] == {"accuracy": 0.1, "loss": None}
+
+
+# -- the snapshot cache and keep-alive ------------------------------------------------
+
+
+class SteppedClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_snapshots_are_shared_for_their_max_age_then_rebuilt(serve: Callable[..., RunningServer]) -> None:
+    running = serve(JobConfig(job_id="digits", strategy=FEDBUFF_1))
+    clock = SteppedClock()
+    endpoint = endpoint_for(running, clock=clock)  # the default snapshot_max_age_s, 1 s
+    fresh = endpoint_for(running, snapshot_max_age_s=0)
+    try:
+        url = f"http://{endpoint.address}"
+        first = get(url + "/api/jobs/digits")[2]
+        assert get(url + "/api/jobs/digits")[2] == first, "within max age: the same bytes"
+        with Client(running.address, job="digits", client_id="phone-1", insecure=True) as client:
+            client.push(client.pull().version, delta())
+        assert json.loads(get(url + "/api/jobs/digits")[2])["version"] == 0  # still the cached one
+        assert json.loads(get(url + "/api/jobs")[2])["jobs"][0]["version"] == 1  # not built before: fresh
+        assert get_json(f"http://{fresh.address}/api/jobs/digits")[1]["version"] == 1  # max age 0: never cached
+        clock.now += 1.0
+        assert get_json(url + "/api/jobs/digits")[1]["version"] == 1
+        # /metrics is never cached; an unknown job is a 404 each time and leaves nothing cached
+        assert b"tributary" in get(url + "/metrics")[2]
+        for _ in range(3):
+            assert get_json(url + "/api/jobs/nope")[0] == 404
+        assert len(endpoint.snapshots) == 2  # /api/jobs and digits
+    finally:
+        endpoint.close()
+        fresh.close()
+
+
+def test_a_connection_is_kept_alive_across_requests_and_closed_when_idle(serve: Callable[..., RunningServer]) -> None:
+    running = serve()
+    endpoint = endpoint_for(running, keep_alive_idle_s=0.3)
+    try:
+        host, port = endpoint.address.rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            paths = ["/api/jobs/default", "/healthz", "/metrics", "/api/jobs/nope", "/static/dashboard.js"]
+            statuses = []
+            for path in paths:
+                connection.request("GET", path)
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+                assert response.getheader("Connection") is None and not response.will_close, path
+                if path == paths[0]:
+                    sock = connection.sock
+                assert connection.sock is sock, "the same connection served every request"
+            assert statuses == [200, 200, 200, 404, 200]
+            # a request with a body (no route reads one) closes the connection after its answer
+            connection.request("POST", "/api/jobs", body=b"GET /healthz HTTP/1.1\r\n\r\n")
+            response = connection.getresponse()
+            assert (response.status, response.getheader("Connection")) == (405, "close") and response.will_close
+            response.read()
+        finally:
+            connection.close()
+        # an idle kept connection is closed by the server (after keep_alive_idle_s, not 30 s)
+        with socket.create_connection((host, int(port)), timeout=30) as idle:
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := idle.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status": "ok"}')
+        # HTTP/1.0 clients still get one answer and a close
+        status, headers, body = raw(endpoint.address, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+    finally:
+        endpoint.close()
