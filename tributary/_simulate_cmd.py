@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import os
 import json
@@ -67,21 +68,37 @@ def _server_log_quiet() -> Iterator[None]:
         server_logger.setLevel(level)
 
 
-def run_experiment(experiment: Experiment, backend: Backend, on_point: Callable[[Point], Any] | None = None) -> SimulationResult:
+def run_experiment(
+    experiment: Experiment,
+    backend: Backend,
+    on_point: Callable[[Point], Any] | None = None,
+    *,
+    http_address: str | None = None,
+    on_serving: Callable[[str], Any] | None = None,
+) -> SimulationResult:
     """Start the server, run the fleet to the end, stop the server; `on_point`:
-    see edge.simulate.simulate."""
+    see edge.simulate.simulate. With `http_address` the server also serves the
+    dashboard and /metrics there (`on_serving` is told the address bound), and
+    the run's evaluations are the job's, so the dashboard shows its accuracy."""
     from server.app import running_server
     from server.core import VERSION_LOG_LENGTH
 
-    config = server_config(experiment)
+    config = dataclasses.replace(server_config(experiment), http_address=http_address)
     with _server_log_quiet(), running_server(config, {JOB_ID: initial_model(experiment)}, grace_s=1.0) as running:
         job = running.core.job(JOB_ID)
+        if running.http_address is not None and on_serving is not None:
+            on_serving(running.http_address)
+
+        def on_evaluated(point: Point) -> None:
+            job.record_evaluation(point.version, time.time(), {"accuracy": point.accuracy})
+            if on_point is not None:
+                on_point(point)
 
         def watch(min_version: int, timeout_s: float) -> tuple[int, Mapping[str, np.ndarray]]:
             snapshot = job.wait_for_version(min_version, timeout_s)
             return snapshot.version, snapshot.tensors
 
-        result = simulate(experiment, running.address, JOB_ID, backend, watch, on_point)
+        result = simulate(experiment, running.address, JOB_ID, backend, watch, on_evaluated)
         stats = job.stats
         result.server_stats = {
             "updates_accepted": stats.updates_accepted,
@@ -159,7 +176,11 @@ def run_simulate(options: dict[str, Any]) -> None:
     from tributary._progress import SimulationBar
 
     with SimulationBar(console, run.duration_s, run.time_scale) as bar:
-        result = run_experiment(experiment, backend, lambda p: bar.point(p.emulated_s, p.version, p.accuracy))
+        result = run_experiment(
+            experiment, backend, lambda p: bar.point(p.emulated_s, p.version, p.accuracy),
+            http_address=options["http_address"],
+            on_serving=lambda address: console.print(f"dashboard on http://{address}/", soft_wrap=True),
+        )  # fmt: skip
     run_dir = options["out_dir"] / f"{experiment.name}-seed{experiment.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     write_results(result, run_dir)
     summary = result.summary()

@@ -219,12 +219,17 @@ def demo(**options: object) -> None:
 @click.option("--devices", type=int, default=None, help="Number of emulated devices.  [default: the config's]")
 @click.option("--seed", type=int, default=None, help="Seed of partition, fleet, schedules and model.  [default: the config's]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), help="Where to write the run's results.")
+@click.option("--http-address", default=None, help="Serve the live dashboard and /metrics here while the simulation runs (host:port; port 0 picks a free one).  [default: none]")
 def simulate(**options: object) -> None:
     """Run an experiment described by CONFIG.toml: a fleet of emulated devices
     (speeds, availability, battery, dropouts) against a real server on loopback."""
+    from server.errors import ConfigError
     from tributary._simulate_cmd import run_simulate
 
-    run_simulate(options)
+    try:
+        run_simulate(options)
+    except ConfigError as error:  # e.g. a bad or taken --http-address
+        raise click.ClickException(str(error)) from error
 
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 TRIBUTARY = [sys.executable, "-m", "tributary"]
+JOB_ID = "sim"  # the job tributary simulate runs
 SMALL = """
 name = "small"
 seed = 1
@@ -84,3 +89,41 @@ def test_bad_flags(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--devices" in done.stderr and "got 0" in done.stderr
     done = subprocess.run([*TRIBUTARY, "simulate", str(tmp_path / "none.toml")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_simulate_serves_the_dashboard_with_its_accuracy(tmp_path: Path) -> None:
+    """--http-address: the run's server serves the dashboard API while it runs, and
+    the simulation's evaluations of new versions show there as the job's accuracy."""
+    config = tmp_path / "small.toml"
+    config.write_text(SMALL.replace("duration_s = 300", "duration_s = 1500"))  # 15 real s to look at it
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        run = subprocess.Popen(
+            [*TRIBUTARY, "simulate", str(config), "--out", str(tmp_path / "runs"), "--http-address", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
+        assert run.stdout is not None
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if match := re.search(r"dashboard on (http://\S+/)", line):
+                break
+        assert match, "".join(lines)
+        job: dict[str, Any] = {}
+        for _ in range(300):
+            with urllib.request.urlopen(match.group(1) + "api/jobs/" + JOB_ID, timeout=10) as response:
+                job = json.load(response)
+            if job["version"] >= 1 and job["evaluations"] and job["evaluations"][-1]["version"] >= 1:
+                break
+            time.sleep(0.1)
+        assert job["version"] >= 1 and job["evaluations"][-1]["version"] >= 1, job
+        assert 0 <= job["evaluations"][-1]["metrics"]["accuracy"] <= 1
+        run.communicate(timeout=240)
+    assert run.returncode == 0, (tmp_path / "stderr.txt").read_text()
+
+
+def test_a_bad_http_address_is_a_cli_error_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "small.toml"
+    config.write_text(SMALL)
+    done = subprocess.run([*TRIBUTARY, "simulate", str(config), "--http-address", "nowhere"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "http_address (--http-address) must be host:port" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
