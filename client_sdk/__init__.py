@@ -14,6 +14,7 @@ Low level (numpy or torch tensors, for apps with their own loop)::
     client.push(model.version, delta, num_samples=n)
     client.push(model.version, delta, num_samples=n, compression=Compression(quantize_bits=8))
     client.heartbeat("training")                # presence; fit() sends these itself
+    client.report_evaluation(model.version, {"accuracy": 0.9}, num_examples=200)  # federated evaluation
     client.acquire_training_slot(DeviceState(...))  # jobs with training slots
 
 Devices: `fit(..., device_state=read_state, policy=EligibilityPolicy(require_charging=True))`
@@ -33,7 +34,7 @@ Everything not listed in `__all__` is private and may change.
 
 from client_sdk._admin import AdminClient, EnrolledClient, Enrolment, JobStatus
 from client_sdk._compression import Compression
-from client_sdk._client import Client, ClientState, HeartbeatReply, JobDescription, PulledModel, PushResult, RetryPolicy, VersionRecord
+from client_sdk._client import Client, ClientState, EvaluationReceipt, HeartbeatReply, JobDescription, PulledModel, PushResult, RetryPolicy, VersionRecord
 from client_sdk._device import DeviceState, Eligibility, EligibilityPolicy, Eligible, Ineligible, SlotGrant
 from client_sdk._errors import (
     CohortAborted,
@@ -51,7 +52,7 @@ from client_sdk._errors import (
 )
 from client_sdk._secure import CohortReceipt, SecureRound
 from client_sdk._tls import ClientTLS
-from client_sdk._training import EnergyEstimate, FitProgress, FitSummary, TrainFn, TrainResult, fit, load_into, model_arrays, pick_device
+from client_sdk._training import EnergyEstimate, EvaluateFn, FitProgress, FitSummary, TrainFn, TrainResult, fit, load_into, model_arrays, pick_device
 
 __all__ = [
     "AdminClient",
@@ -66,6 +67,8 @@ __all__ = [
     "EligibilityPolicy",
     "Eligible",
     "EnergyEstimate",
+    "EvaluationReceipt",
+    "EvaluateFn",
     "EnrolledClient",
     "Enrolment",
     "FitProgress",

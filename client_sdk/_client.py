@@ -174,6 +174,18 @@ class PushResult:
     """Bytes of the update's payload as sent (encoded size when compressed)."""
 
 
+@dataclass(frozen=True)
+class EvaluationReceipt:
+    """The server's answer to `Client.report_evaluation`."""
+
+    version: int
+    reports_for_version: int
+    """Clients whose reports the server holds for this version, this one included."""
+    duplicate: bool
+    """A retry of a report the server had already counted (counted once)."""
+    idempotency_key: str
+
+
 class Client:
     """A connection to one job on a Tributary server.
 
@@ -432,6 +444,39 @@ class Client:
             idempotency_key=key,
             payload_bytes=int(header.header.payload_bytes),
         )
+
+    def report_evaluation(
+        self, version: int, metrics: Mapping[str, float], num_examples: int, *, idempotency_key: str | None = None
+    ) -> EvaluationReceipt:
+        """Report how model `version` (one this client pulled) did on
+        `num_examples` of this client's own held-out examples, e.g.
+        `{"accuracy": 0.91, "loss": 0.3}` (federated evaluation). The server
+        keeps the example-weighted mean per version over the clients that
+        reported; a later report of the same version by this client replaces
+        this one. Retried like every call, with one idempotency key, so it
+        counts once."""
+        if version < 0:
+            raise ValueError(f"version must be >= 0 (a version pulled from the server), got {version}")
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+            raise ValueError(f"num_examples must be an int >= 1 (the held-out examples evaluated), got {num_examples!r}")
+        if not metrics:
+            raise ValueError("metrics must name at least one metric, e.g. {'accuracy': 0.9}")
+        values: dict[str, float] = {}
+        for name, value in metrics.items():
+            number = float(value)
+            if not isinstance(name, str) or not math.isfinite(number):
+                raise ValueError(f"metrics must map names to finite numbers, got {name!r}: {value!r}")
+            values[name] = number
+        key = idempotency_key or uuid.uuid4().hex
+        request = pb.EvaluationReport(
+            job_id=self.job, client_id=self.client_id, version=version, num_examples=num_examples, metrics=values, idempotency_key=key
+        )
+        ack: pb.EvaluationAck = self._with_retries("report an evaluation", lambda: self._stub.ReportEvaluation(request, timeout=self.timeout_s))
+        LOG.debug(
+            "evaluation reported: %s on %d example(s); %d report(s) for this version", values, num_examples, ack.reports_for_version,
+            extra=self.log_context(version),
+        )  # fmt: skip
+        return EvaluationReceipt(version=ack.version, reports_for_version=ack.reports_for_version, duplicate=ack.duplicate, idempotency_key=key)
 
     def fit(self, model: Any, train_fn: Any, **options: Any) -> Any:
         """Train `model` federatedly: see `client_sdk.fit` (needs torch)."""

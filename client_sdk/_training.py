@@ -37,6 +37,10 @@ MAINS_POWERED = DeviceState(battery_level=None, charging=True, idle=True, unmete
 """What a training-slot request reports when the app gives no device_state."""
 EnergyEstimate = Callable[[float, int], float]
 """(seconds of local training, bytes of the update) -> joules (e.g. edge.energy.EnergyModel)."""
+EvaluateFn = Callable[["torch.nn.Module"], tuple[int, Mapping[str, float]]]
+"""Evaluates the model (loaded with a pulled version, in eval mode, under
+torch.no_grad) on the app's own held-out data; returns (examples evaluated,
+metrics such as {"accuracy": 0.91, "loss": 0.3}) for federated evaluation."""
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -135,6 +139,8 @@ class FitSummary:
     """Time spent waiting for the device to become eligible or for a training slot."""
     stop_reason: str = ""
     """Why fit returned: "updates", "duration" or "waited max_wait_s"."""
+    evaluations_reported: int = 0
+    """Federated evaluations (evaluate_fn) the server took."""
 
 
 def fit(
@@ -153,6 +159,8 @@ def fit(
     max_wait_s: float | None = None,
     compression: Compression | None = None,
     progress: ProgressFn | None = None,
+    evaluate_fn: EvaluateFn | None = None,
+    evaluate_every: int = 1,
 ) -> FitSummary:
     """Loop pull -> `train_fn(model, device)` -> push delta until `updates`
     pushes were accepted or `duration_s` passed (at least one must be given).
@@ -184,6 +192,12 @@ def fit(
     `progress(FitProgress)` is told where the loop stands (see FitProgress),
     e.g. for a progress bar; fit itself shows nothing. A train_fn returning
     (num_samples, {"loss": ...}) puts its metrics in the reports.
+
+    Federated evaluation: with `evaluate_fn`, the first pulled version and
+    then every `evaluate_every`-th pull's version (each version at most once)
+    is evaluated on the app's held-out data and reported to the server
+    (`Client.report_evaluation`) before training on it. A report the server
+    refuses as too old is logged and skipped; other errors propagate.
     """
     if updates is None and duration_s is None:
         raise ValueError("give `updates` or `duration_s`, or the loop would never end")
@@ -193,9 +207,12 @@ def fit(
         raise ValueError(f"poll_s must be > 0 seconds, got {poll_s!r}")
     if max_wait_s is not None and not max_wait_s >= 0:
         raise ValueError(f"max_wait_s must be >= 0 seconds, got {max_wait_s!r}")
+    if isinstance(evaluate_every, bool) or not isinstance(evaluate_every, int) or evaluate_every < 1:
+        raise ValueError(f"evaluate_every must be an int >= 1 (pulls between evaluations), got {evaluate_every!r}")
+    evaluation = _Evaluation(client, model, evaluate_fn, evaluate_every) if evaluate_fn is not None else None
     gate = _Gate(client, device_state, policy, poll_s, max_wait_s)
     with Presence(client) as presence:
-        return _fit(client, model, train_fn, presence, updates, duration_s, device, on_push, gate, energy_estimate, compression, progress)
+        return _fit(client, model, train_fn, presence, updates, duration_s, device, on_push, gate, energy_estimate, compression, progress, evaluation)
 
 
 def _fit(
@@ -211,6 +228,7 @@ def _fit(
     energy_estimate: EnergyEstimate | None,
     compression: Compression | None,
     progress: ProgressFn | None,
+    evaluation: _Evaluation | None = None,
 ) -> FitSummary:
     start = time.monotonic()
     summary = FitSummary()
@@ -229,12 +247,18 @@ def _fit(
     names = [spec.name for spec in job.specs]
     pulled: PulledModel = client.pull()
 
+    def pulled_now(model_pulled: PulledModel) -> PulledModel:
+        summary.last_version = model_pulled.version
+        if evaluation is not None and evaluation.after_pull(model_pulled):
+            summary.evaluations_reported += 1
+        return model_pulled
+
     def done() -> bool:
         if updates is not None and summary.updates_pushed >= updates:
             return True
         return duration_s is not None and time.monotonic() - start >= duration_s
 
-    summary.last_version = pulled.version
+    pulled_now(pulled)
     logger.info("client starts on version %d", pulled.version, extra=client.log_context(pulled.version))
     report("starting")
     while not done():
@@ -245,8 +269,7 @@ def _fit(
             summary.stop_reason = ready
             break
         if ready is not None and ready.version != pulled.version:
-            pulled = client.pull()  # the slot is for the job's current version
-            summary.last_version = pulled.version
+            pulled = pulled_now(client.pull())  # the slot is for the job's current version
         presence.set(ClientState.TRAINING, pulled.version)
         report("training")
         cohort = None
@@ -295,8 +318,7 @@ def _fit(
         report("idle")
         if done():
             break
-        pulled = _next_model(client, pulled.version, job.synchronous, done)
-        summary.last_version = pulled.version
+        pulled = pulled_now(_next_model(client, pulled.version, job.synchronous, done))
     if not summary.stop_reason:
         summary.stop_reason = "updates" if updates is not None and summary.updates_pushed >= updates else "duration"
     summary.seconds = time.monotonic() - start
@@ -306,6 +328,39 @@ def _fit(
     )  # fmt: skip
     report("done")
     return summary
+
+
+class _Evaluation:
+    """Federated evaluation in `fit`: which pulls to evaluate, and the report."""
+
+    def __init__(self, client: Client, model: torch.nn.Module, evaluate_fn: EvaluateFn, every: int) -> None:
+        self.client, self.model, self.evaluate_fn, self.every = client, model, evaluate_fn, every
+        self.pulls = 0
+        self.last_version: int | None = None
+
+    def after_pull(self, pulled: PulledModel) -> bool:
+        """Evaluate and report `pulled` if it is due; True when the server took the report."""
+        due = self.pulls % self.every == 0
+        self.pulls += 1
+        if not due or pulled.version == self.last_version:
+            return False
+        import torch
+
+        self.last_version = pulled.version
+        load_into(self.model, pulled.tensors)
+        self.model.eval()
+        with torch.no_grad():
+            num_examples, metrics = self.evaluate_fn(self.model)
+        try:
+            receipt = self.client.report_evaluation(pulled.version, metrics, int(num_examples))
+        except NotAcceptedNow as error:
+            logger.info("evaluation of version %d refused: %s", pulled.version, error, extra=self.client.log_context(pulled.version))
+            return False
+        logger.debug(
+            "evaluated version %d on %d example(s): %s", pulled.version, num_examples,
+            ", ".join(f"{name} {value:.4g}" for name, value in metrics.items()), extra=self.client.log_context(pulled.version),
+        )  # fmt: skip
+        return not receipt.duplicate
 
 
 class _Gate:

@@ -475,6 +475,39 @@ class CohortOutcome(_message.Message):
     survivors: int
     def __init__(self, version: _Optional[int] = ..., survivors: _Optional[int] = ...) -> None: ...
 
+class EvaluationReport(_message.Message):
+    __slots__ = ("job_id", "client_id", "version", "num_examples", "metrics", "idempotency_key")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    client_id: str
+    version: int
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    idempotency_key: str
+    def __init__(self, job_id: _Optional[str] = ..., client_id: _Optional[str] = ..., version: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class EvaluationAck(_message.Message):
+    __slots__ = ("version", "reports_for_version", "duplicate")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    reports_for_version: int
+    duplicate: bool
+    def __init__(self, version: _Optional[int] = ..., reports_for_version: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
 class ServerStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -74,6 +74,11 @@ class TributaryStub:
                 request_serializer=proto_dot_tributary__pb2.UploadOffsetRequest.SerializeToString,
                 response_deserializer=proto_dot_tributary__pb2.UploadOffset.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/tributary.v1.Tributary/ReportEvaluation',
+                request_serializer=proto_dot_tributary__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=proto_dot_tributary__pb2.EvaluationAck.FromString,
+                _registered_method=True)
         self.JoinCohort = channel.unary_unary(
                 '/tributary.v1.Tributary/JoinCohort',
                 request_serializer=proto_dot_tributary__pb2.JoinCohortRequest.SerializeToString,
@@ -156,6 +161,13 @@ class TributaryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEvaluation(self, request, context):
+        """Federated evaluation: a client's metrics of a version on its own data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def JoinCohort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -229,6 +241,11 @@ def add_TributaryServicer_to_server(servicer, server):
                     servicer.GetUploadOffset,
                     request_deserializer=proto_dot_tributary__pb2.UploadOffsetRequest.FromString,
                     response_serializer=proto_dot_tributary__pb2.UploadOffset.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=proto_dot_tributary__pb2.EvaluationReport.FromString,
+                    response_serializer=proto_dot_tributary__pb2.EvaluationAck.SerializeToString,
             ),
             'JoinCohort': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinCohort,
@@ -454,6 +471,33 @@ class Tributary:
             '/tributary.v1.Tributary/GetUploadOffset',
             proto_dot_tributary__pb2.UploadOffsetRequest.SerializeToString,
             proto_dot_tributary__pb2.UploadOffset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tributary.v1.Tributary/ReportEvaluation',
+            proto_dot_tributary__pb2.EvaluationReport.SerializeToString,
+            proto_dot_tributary__pb2.EvaluationAck.FromString,
             options,
             channel_credentials,
             insecure,

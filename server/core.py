@@ -64,6 +64,8 @@ from server.errors import (
     StaleUpdate,
     UnknownVersion,
 )
+from server.federated import PREFIX as FEDERATED_PREFIX
+from server.federated import EvaluationReport, FederatedEvaluations, ReportOutcome, check_report
 from server.roster import ClientState, Roster
 from server.scheduling import DeviceReport, SlotDecision, SlotPolicy, TrainingSlots
 from server.strategies import Strategy, all_finite, build_strategy
@@ -189,7 +191,8 @@ class JobStats:
     version_energy: collections.deque[tuple[int, float]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
     """(version, joules reported for the updates that went into it), like `versions`."""
     evaluations: collections.deque[tuple[int, float, dict[str, float]]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
-    """(version, unix time evaluated, metrics such as {"accuracy": 0.93, "loss": 0.2}) from the server's evaluator."""
+    """(version, unix time evaluated, metrics such as {"accuracy": 0.93, "loss": 0.2}) from the server's evaluator,
+    in version order; federated evaluation (server/federated.py) adds its aggregate under `federated_` names."""
     recent_rejections: collections.deque[tuple[float, str, str]] = field(default_factory=lambda: collections.deque(maxlen=RECENT_REJECTIONS))
     """(unix time, client id or "", reason) of the latest refused pushes, for the dashboard."""
     recent_accepts: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=VERSION_LOG_LENGTH))
@@ -237,7 +240,10 @@ class Journal(Protocol):
         """The version a logged cohort was applied in; None if it never was."""
 
     def record_evaluation(self, job_id: str, version: int, evaluated_at: float, metrics: Mapping[str, float]) -> None:
-        """Store the server evaluator's metrics of a version."""
+        """Store the metrics of a version (the server evaluator's and the federated aggregate, merged)."""
+
+    def record_federated_report(self, job_id: str, report: EvaluationReport, evaluated_at: float, metrics: Mapping[str, float]) -> None:
+        """Store a client's evaluation report and the version's merged metrics, in one transaction."""
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,10 @@ class Job:
         self._closing = False
         self.aggregation_observer: Callable[[float], None] | None = None
         """Given the seconds each new version took to compute and publish (server/metrics.py sets it)."""
+        self._federated = FederatedEvaluations()
+        self._evaluation_lock = threading.Lock()
+        """Orders evaluation records (server evaluator and client reports) in memory and
+        in the journal alike; taken before `_lock`, never held by pushes."""
         self.stats = JobStats()
         self.stats.versions.append((0, self._current.created_at))
         self.stats.version_energy.append((0, 0.0))
@@ -440,19 +450,93 @@ class Job:
         return self._journal.cohort_version(self.job_id, cohort_id) if self._journal is not None else None
 
     def record_evaluation(self, version: int, evaluated_at: float, metrics: Mapping[str, float]) -> None:
-        """Keep the evaluator's metrics of `version` (in the state directory too).
-        Called by the evaluation thread, never under the job's lock while the
-        journal writes: evaluations never hold up pushes."""
+        """Keep the evaluator's metrics of `version` (in the state directory too),
+        beside any federated metrics of that version. Called by the evaluation
+        thread; the job's lock is held only to change the list, so evaluations
+        never hold up pushes."""
+        with self._evaluation_lock:
+            merged = self._put_evaluation(version, evaluated_at, metrics, federated=False)
+            if self._journal is not None:
+                self._journal.record_evaluation(self.job_id, version, merged[1], merged[2])
+
+    def report_evaluation(self, report: EvaluationReport) -> ReportOutcome:
+        """Take a client's evaluation of a version (server/federated.py has the
+        rules); durable before it is answered when the job has a journal."""
+        check_report(report)
+        with self._evaluation_lock:
+            current = self._current.version
+            pending = self._federated.prepare(report, current)
+            if pending.outcome.duplicate:
+                return pending.outcome
+            now = time.time()
+            if self._journal is not None:
+                at, merged = self._merged_evaluation(report.version, now, pending.summary, federated=True)
+                self._journal.record_federated_report(self.job_id, report, at, merged)
+            self._federated.commit(pending, current)
+            self._put_evaluation(report.version, now, pending.summary, federated=True)
+            return pending.outcome
+
+    @property
+    def federated_reports_taken(self) -> int:
+        """Client evaluation reports taken in (duplicates not counted) since the server started."""
+        return self._federated.reports_taken
+
+    def federated_summary(self, version: int) -> dict[str, float] | None:
+        """The federated aggregate of `version` (None: no report held for it)."""
+        with self._evaluation_lock:
+            return self._federated.summary(version)
+
+    def _merged_evaluation(self, version: int, at: float, metrics: Mapping[str, float], *, federated: bool) -> tuple[float, dict[str, float]]:
+        """(time, metrics) of `version`'s entry with `metrics` in place of those
+        of their source (federated or the server's), the other source's kept."""
         with self._lock:
-            self.stats.evaluations.append((version, evaluated_at, dict(metrics)))
-        if self._journal is not None:
-            self._journal.record_evaluation(self.job_id, version, evaluated_at, metrics)
+            for entry_version, entry_at, entry_metrics in reversed(self.stats.evaluations):
+                if entry_version == version:
+                    kept = {k: v for k, v in entry_metrics.items() if k.startswith(FEDERATED_PREFIX) != federated}
+                    return entry_at, {**kept, **metrics}
+                if entry_version < version:
+                    break
+        return at, dict(metrics)
+
+    def _put_evaluation(self, version: int, at: float, metrics: Mapping[str, float], *, federated: bool) -> tuple[int, float, dict[str, float]]:
+        """Merge `metrics` into `version`'s entry (kept in version order); the entry."""
+        entry_at, merged = self._merged_evaluation(version, at, metrics, federated=federated)
+        entry = (version, entry_at, merged)
+        with self._lock:
+            evaluations = self.stats.evaluations
+            index = len(evaluations)
+            while index > 0 and evaluations[index - 1][0] >= version:
+                index -= 1
+            if index < len(evaluations) and evaluations[index][0] == version:
+                evaluations[index] = entry
+            elif index == len(evaluations):
+                evaluations.append(entry)
+            elif index > 0 or len(evaluations) < (evaluations.maxlen or 0):
+                if len(evaluations) == evaluations.maxlen:
+                    evaluations.popleft()
+                    index -= 1
+                evaluations.insert(index, entry)
+            # else: older than every entry of a full list; the state directory still has it
+        return entry
 
     def restore_evaluations(self, recent: Iterable[tuple[int, float, dict[str, float]]]) -> None:
         """After recovery: the latest evaluations, oldest first."""
         with self._lock:
             self.stats.evaluations.clear()
-            self.stats.evaluations.extend(recent)
+            self.stats.evaluations.extend(sorted(recent, key=lambda entry: entry[0]))
+
+    def restore_federated_reports(self, reports: Iterable[EvaluationReport]) -> None:
+        """After recovery: the stored client evaluation reports, in the order they were taken."""
+        with self._evaluation_lock:
+            self._federated.restore(reports, self._current.version)
+
+    def last_server_evaluation(self) -> int | None:
+        """The newest version the server's own evaluator recorded (federated-only entries skipped)."""
+        with self._lock:
+            for version, _, metrics in reversed(self.stats.evaluations):
+                if any(not name.startswith(FEDERATED_PREFIX) for name in metrics):
+                    return version
+        return None
 
     def note_cohort_abort(self, reason: str) -> None:
         with self._lock:

@@ -92,8 +92,7 @@ class EvaluationLoop:
         """Evaluations recorded by this loop."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        recorded = job.stats.evaluations
-        self.last_version: int | None = recorded[-1][0] if recorded else None
+        self.last_version: int | None = job.last_server_evaluation()
         """The newest version evaluated (restored from the state directory too)."""
 
     def check(self) -> None:

@@ -147,6 +147,9 @@ class ServerMetrics:
             "tributary_received_bytes", "Update payload bytes received (pushes and masked uploads, as on the wire).", jobs, registry=self.registry
         )
         self._sent_bytes = Counter("tributary_sent_bytes", "Model payload bytes sent by Pull.", jobs, registry=self.registry)
+        self._federated_evaluations = Counter(
+            "tributary_federated_evaluations", "Client evaluation reports taken in (federated evaluation; retries not counted).", jobs, registry=self.registry
+        )
         self._push_seconds = Histogram(
             "tributary_push_duration_seconds", "Time from a Push stream's start to its answer.", jobs, registry=self.registry, buckets=PUSH_BUCKETS_S
         )
@@ -161,6 +164,7 @@ class ServerMetrics:
             self._received.labels(job_id)
             self._received_bytes.labels(job_id)
             self._sent_bytes.labels(job_id)
+            self._federated_evaluations.labels(job_id)
             self._push_seconds.labels(job_id)
             for reason in REJECTION_REASONS:
                 self._rejected.labels(job_id, reason)
@@ -182,6 +186,10 @@ class ServerMetrics:
 
     def note_rejected(self, job_id: str, error: BaseException) -> None:
         self._rejected.labels(self.job_label(job_id), rejection_reason(error)).inc()
+
+    def note_federated_evaluation(self, job_id: str) -> None:
+        """A client's evaluation report was taken in (server/federated.py)."""
+        self._federated_evaluations.labels(self.job_label(job_id)).inc()
 
     def note_received_bytes(self, job_id: str, count: int) -> None:
         if count:
@@ -205,10 +213,11 @@ class _StatsView:
     cohorts_applied: int
     cohorts_aborted: dict[str, int]
     accuracy: float | None
+    federated_accuracy: float | None
 
     @classmethod
     def of(cls, stats: JobStats) -> _StatsView:
-        accuracy = stats.evaluations[-1][2].get("accuracy") if stats.evaluations else None
+        accuracy = _latest(stats, "accuracy")
         return cls(
             stats.updates_accepted,
             stats.duplicates,
@@ -216,7 +225,16 @@ class _StatsView:
             stats.cohorts_applied,
             dict(stats.cohorts_aborted),
             accuracy,
+            _latest(stats, "federated_accuracy"),
         )
+
+
+def _latest(stats: JobStats, metric: str) -> float | None:
+    """`metric` of the newest evaluated version that has it (evaluations are in version order)."""
+    for _, _, metrics in reversed(stats.evaluations):
+        if metric in metrics:
+            return metrics[metric]
+    return None
 
 
 class _StateCollector(Collector):
@@ -247,6 +265,11 @@ class _StateCollector(Collector):
         energy = CounterMetricFamily("tributary_energy_reported_joules", "Energy clients reported for accepted updates.", labels=jobs)
         accuracy = GaugeMetricFamily(
             "tributary_model_accuracy", "Accuracy (0 to 1) of the latest evaluated model version (jobs with an evaluator).", labels=jobs
+        )
+        federated_accuracy = GaugeMetricFamily(
+            "tributary_model_federated_accuracy",
+            "Example-weighted mean accuracy (0 to 1) clients reported for the newest version they evaluated (federated evaluation).",
+            labels=jobs,
         )
         connected = GaugeMetricFamily(
             "tributary_connected_clients",
@@ -284,6 +307,8 @@ class _StateCollector(Collector):
             energy.add_metric([job_id], job.energy_joules_total)
             if stats.accuracy is not None:
                 accuracy.add_metric([job_id], stats.accuracy)
+            if stats.federated_accuracy is not None:
+                federated_accuracy.add_metric([job_id], stats.federated_accuracy)
             self._add_presence(job, connected, clients, slots)
             manager = self._cohorts.get(job_id)
             if manager is not None:
@@ -300,7 +325,7 @@ class _StateCollector(Collector):
                     by_reason[cohort_abort_reason(reason)] += count
                 for reason, count in by_reason.items():
                     aborted.add_metric([job_id, reason], count)
-        return [version, published, accepted, duplicates, staleness, energy, accuracy, connected, clients, slots, cohorts, waiting, completed, aborted]
+        return [version, published, accepted, duplicates, staleness, energy, accuracy, federated_accuracy, connected, clients, slots, cohorts, waiting, completed, aborted]
 
     @staticmethod
     def _add_presence(job: Job, connected: GaugeMetricFamily, clients: GaugeMetricFamily, slots: GaugeMetricFamily) -> None:

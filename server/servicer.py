@@ -30,6 +30,7 @@ import numpy as np
 from proto.compression import RAW, Encoding, decode_payload, encoded_size
 from proto.tensors import CHUNK_BYTES, MalformedPayload, PayloadAssembler, TensorSpec, header_to_pb, specs_from_pb
 from server.core import AggregationCore, Job, ModelSnapshot, PushOutcome, Update, UpdateHeader, check_energy
+from server.federated import EvaluationReport
 from server.uploads import PartialUploads, TruncatedPayload
 from server.roster import ClientState
 from server.scheduling import DeviceReport
@@ -320,6 +321,30 @@ class TributaryServicer(pb_grpc.TributaryServicer):
                     for version, published, energy in history
                 ]
             )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.ServicerContext) -> pb.EvaluationAck:
+        with _status_on_error(context):
+            self._authorize(context, request.job_id, request.client_id)
+            job = self._core.job(request.job_id)
+            _check_id("client_id", request.client_id)
+            self._admit_client(request.client_id)
+            _check_id("idempotency_key", request.idempotency_key)
+            report = EvaluationReport(
+                client_id=request.client_id,
+                version=request.version,
+                num_examples=request.num_examples,
+                metrics=dict(request.metrics),
+                idempotency_key=request.idempotency_key,
+            )
+            outcome = job.report_evaluation(report)
+            if not outcome.duplicate:
+                self._metrics.note_federated_evaluation(job.job_id)
+                logger.debug(
+                    "evaluation report taken (%d example(s), %d for this version so far)", report.num_examples, outcome.reports_for_version,
+                    extra=log_context(job=job.job_id, client=report.client_id, version=report.version),
+                )  # fmt: skip
+            return pb.EvaluationAck(version=outcome.version, reports_for_version=outcome.reports_for_version, duplicate=outcome.duplicate)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- secure aggregation ----------------------------------------------------------

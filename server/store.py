@@ -20,7 +20,10 @@ Kept, and for how long:
 - the newest `keep_checkpoints` checkpoints per job (0 keeps all);
 - one row per published version, always (a few dozen bytes each), with the
   energy clients reported for the updates that went into it.
-- one row per evaluated version, always (its metrics as JSON).
+- one row per evaluated version, always (its metrics as JSON: the server
+  evaluator's and the federated aggregate's, `federated_` names);
+- one row per client evaluation report (federated evaluation), always; the
+  newest versions' reports are read back to go on aggregating after a restart.
 
 Schema 2 added `energy_joules` to update_log and versions; schema 3 added
 `wire_bytes` to update_log (the update's size on the wire, for run reports;
@@ -28,6 +31,7 @@ NULL: logged before) and the `evaluations` table (the server evaluator's
 metrics per version, restored into JobStats.evaluations on restart). An older
 database is migrated in place when opened (old rows count 0 J), after which an
 older server refuses it by its schema number instead of misreading it.
+Schema 4 added the `federated_reports` table (created with the schema).
 
 Lock order: the job's lock, then StateStore._lock (the job calls in while
 holding its own; this class never calls into a job while holding its lock).
@@ -59,6 +63,7 @@ from server import faults
 from server.config import JobConfig, RetentionConfig
 from server.core import Job, ModelSnapshot, PushOutcome, UpdateHeader
 from server.errors import ServerError, StateError, Unavailable
+from server.federated import KEPT_VERSIONS, EvaluationReport
 
 log = logging.getLogger("tributary.server")
 
@@ -69,7 +74,7 @@ interleave their logs and leave the directory unrecoverable."""
 REPLAYABLE_CHECKPOINTS = 3
 """Update payloads are kept until this many of the newest checkpoints cover
 them (fewer if fewer are kept): recovery can fall back that far."""
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 _TO_3 = ("ALTER TABLE update_log ADD COLUMN wire_bytes INTEGER",)
 """Schema 3: the bytes each update took on the wire (NULL for rows logged
 before: unknown), and the `evaluations` table (created with the schema)."""
@@ -80,6 +85,7 @@ _MIGRATIONS = {
         *_TO_3,
     ),
     "2": _TO_3,
+    "3": (),  # schema 4: only the `federated_reports` table, which _SCHEMA creates
 }
 """Schema -> the statements that bring it to SCHEMA_VERSION (in one transaction)."""
 PART_BYTES = 64 << 20
@@ -134,6 +140,16 @@ CREATE TABLE IF NOT EXISTS evaluations (
     evaluated_at REAL NOT NULL,
     metrics TEXT NOT NULL,
     PRIMARY KEY (job_id, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS federated_reports (
+    job_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    reported_at REAL NOT NULL,
+    PRIMARY KEY (job_id, version, client_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoints (
     job_id TEXT NOT NULL,
@@ -377,6 +393,14 @@ class StateStore:
             (job.job_id, stats.evaluations.maxlen),
         ).fetchall()
         job.restore_evaluations((int(v), float(t), json.loads(m)) for v, t, m in reversed(evaluated))
+        reports = self._db.execute(
+            "SELECT version, client_id, idempotency_key, num_examples, metrics FROM federated_reports "
+            "WHERE job_id = ? AND version >= ? ORDER BY reported_at",
+            (job.job_id, job.snapshot().version - KEPT_VERSIONS + 1),
+        ).fetchall()
+        job.restore_federated_reports(
+            EvaluationReport(client_id=c, version=int(v), num_examples=int(n), metrics=json.loads(m), idempotency_key=k) for v, c, k, n, m in reports
+        )
 
     # -- the journal (called by jobs, under their lock) -----------------------------
 
@@ -448,6 +472,19 @@ class StateStore:
             self._db.execute(
                 "INSERT OR REPLACE INTO evaluations (job_id, version, evaluated_at, metrics) VALUES (?, ?, ?, ?)",
                 (job_id, version, evaluated_at, json.dumps(dict(metrics), sort_keys=True)),
+            )
+
+    def record_federated_report(self, job_id: str, report: EvaluationReport, evaluated_at: float, metrics: Mapping[str, float]) -> None:
+        with self._lock, self._transaction(writing=True):
+            self._db.execute(
+                "INSERT OR REPLACE INTO federated_reports (job_id, version, client_id, idempotency_key, num_examples, metrics, reported_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, report.version, report.client_id, report.idempotency_key, report.num_examples,
+                 json.dumps(dict(report.metrics), sort_keys=True), time.time()),
+            )  # fmt: skip
+            self._db.execute(
+                "INSERT OR REPLACE INTO evaluations (job_id, version, evaluated_at, metrics) VALUES (?, ?, ?, ?)",
+                (job_id, report.version, evaluated_at, json.dumps(dict(metrics), sort_keys=True)),
             )
 
     def published(self, job_id: str, snapshot: ModelSnapshot, seq: int) -> None:

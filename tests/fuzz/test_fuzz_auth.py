@@ -496,7 +496,7 @@ def _job_and_client(method: str, first: Any) -> tuple[str, str] | None:
         return (first.header.job_id, "") if first.WhichOneof("kind") == "header" else None
     if method in ("AdvertiseKeys", "ShareKeys", "Unmask"):
         return first.sender.job_id, ""
-    if method in ("JoinCohort", "Heartbeat", "AcquireTrainingSlot", "GetUploadOffset"):
+    if method in ("JoinCohort", "Heartbeat", "AcquireTrainingSlot", "GetUploadOffset", "ReportEvaluation"):
         return first.job_id, first.client_id
     if method in ("GetJob", "Pull", "GetUploadSlot", "GetVersionHistory"):
         return first.job_id, ""

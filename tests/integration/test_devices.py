@@ -240,7 +240,7 @@ def test_a_schema_1_state_directory_is_migrated(tmp_path: Path) -> None:
             a.push(1, delta(), energy_joules=2.0)
             assert a.job_info().energy_joules_total == pytest.approx(2.0)
     db = sqlite3.connect(tmp_path / DATABASE_NAME)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
     db.close()
 
 

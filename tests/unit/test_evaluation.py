@@ -246,7 +246,7 @@ def test_a_schema_2_directory_is_migrated_to_3(tmp_path: Path) -> None:
         store.close()
     db = sqlite3.connect(tmp_path / DATABASE_NAME)
     try:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
         wire = db.execute("SELECT idempotency_key, wire_bytes FROM update_log ORDER BY seq").fetchall()
         assert wire == [("k1", None), ("k2", sum(a.nbytes for a in ONES.values()))]  # unknown before the migration
         (metrics,) = db.execute("SELECT metrics FROM evaluations WHERE version = 2").fetchone()
