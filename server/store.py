@@ -22,8 +22,9 @@ Kept, and for how long:
   energy clients reported for the updates that went into it.
 - one row per evaluated version, always (its metrics as JSON: the server
   evaluator's and the federated aggregate's, `federated_` names);
-- one row per client evaluation report (federated evaluation), always; the
-  newest versions' reports are read back to go on aggregating after a restart.
+- one row per client evaluation report (federated evaluation; a replaced one
+  too, so its key still answers a retry), always; the newest versions' reports
+  are read back, in the order taken, to go on aggregating after a restart.
 
 Schema 2 added `energy_joules` to update_log and versions; schema 3 added
 `wire_bytes` to update_log (the update's size on the wire, for run reports;
@@ -149,8 +150,9 @@ CREATE TABLE IF NOT EXISTS federated_reports (
     num_examples INTEGER NOT NULL,
     metrics TEXT NOT NULL,
     reported_at REAL NOT NULL,
-    PRIMARY KEY (job_id, version, client_id)
+    PRIMARY KEY (job_id, idempotency_key)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS federated_reports_by_version ON federated_reports (job_id, version);
 CREATE TABLE IF NOT EXISTS checkpoints (
     job_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -477,7 +479,7 @@ class StateStore:
     def record_federated_report(self, job_id: str, report: EvaluationReport, evaluated_at: float, metrics: Mapping[str, float]) -> None:
         with self._lock, self._transaction(writing=True):
             self._db.execute(
-                "INSERT OR REPLACE INTO federated_reports (job_id, version, client_id, idempotency_key, num_examples, metrics, reported_at) "
+                "INSERT INTO federated_reports (job_id, version, client_id, idempotency_key, num_examples, metrics, reported_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, report.version, report.client_id, report.idempotency_key, report.num_examples,
                  json.dumps(dict(report.metrics), sort_keys=True), time.time()),
