@@ -107,8 +107,12 @@ function render(job) {
   $("strategy").textContent = job.strategy + (job.secure_aggregation ? " · secure aggregation" : "");
 
   lineChart($("chart-version"), job.versions.map(([v, t]) => [t, v]), { step: true, yLabel: (y) => y.toFixed(0) });
-  lineChart($("chart-accuracy"), accuracy.map((e) => [e.time, e.metrics.accuracy]), {
-    yLabel: (y) => (100 * y).toFixed(0) + "%", empty: "no evaluations yet (configure an evaluator)",
+  const federated = evaluations.filter((e) => e.metrics.federated_accuracy !== undefined);
+  const serverPoints = accuracy.map((e) => [e.time, e.metrics.accuracy]);
+  const federatedPoints = federated.map((e) => [e.time, e.metrics.federated_accuracy]);
+  lineChart($("chart-accuracy"), serverPoints.length ? serverPoints : federatedPoints, {
+    yLabel: (y) => (100 * y).toFixed(0) + "%", empty: "no evaluations yet (configure an evaluator, or clients report them)",
+    extra: serverPoints.length ? federatedPoints : [],  // clients' (federated) accuracy, a second line
   });
   barChart($("chart-staleness"), job.staleness);
   lineChart($("chart-rate"), job.update_rate.series, { yLabel: (y) => y.toFixed(1), zero: true });
@@ -194,8 +198,9 @@ function axes(svg, box, x0, x1, y0, y1, xLabel, yLabel) {
 function lineChart(svg, points, options) {
   const box = frame(svg);
   if (points.length === 0) return empty(svg, box, options.empty || "no data yet");
-  const xs = points.map((p) => p[0]);
-  const ys = points.map((p) => p[1]);
+  const xs = points.concat(options.extra || []).map((p) => p[0]);
+  const extra = options.extra || [];
+  const ys = points.concat(extra).map((p) => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
   let y0 = options.zero ? 0 : Math.min(...ys), y1 = Math.max(...ys);
   if (y1 <= y0) y1 = y0 + 1;
@@ -208,6 +213,10 @@ function lineChart(svg, points, options) {
     else d += options.step ? `H${sx(x)}V${sy(y)}` : `L${sx(x)},${sy(y)}`;
   });
   svg.appendChild(svgEl("path", { d, class: "line" }));
+  if (extra.length) {
+    const e = extra.map(([x, y], i) => `${i ? "L" : "M"}${sx(x)},${sy(y)}`).join("");
+    svg.appendChild(svgEl("path", { d: e, class: "line federated" })).appendChild(svgEl("title", {}, "federated (clients') accuracy"));
+  }
 }
 
 function barChart(svg, counts) {

@@ -258,12 +258,12 @@ def test_a_schema_2_directory_is_migrated_to_3(tmp_path: Path) -> None:
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     StateStore(tmp_path).close()
     db = sqlite3.connect(tmp_path / DATABASE_NAME)
-    db.execute("UPDATE meta SET value = '4' WHERE key = 'schema'")
+    db.execute("UPDATE meta SET value = '5' WHERE key = 'schema'")
     db.commit()
     db.close()
     from server.errors import StateError
 
-    with pytest.raises(StateError, match="has schema 4; this server reads 3"):
+    with pytest.raises(StateError, match="has schema 5; this server reads 4"):
         StateStore(tmp_path)
 
 
