@@ -266,7 +266,15 @@ def _is_repeated(field: FieldDescriptor) -> bool:
 def _assign(message: Message, field: FieldDescriptor, value: Any) -> None:
     target = getattr(message, field.name)
     if _is_repeated(field):
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
+        entry_type = field.message_type
+        if entry_type is not None and entry_type.GetOptions().map_entry:
+            for entry in value:  # a map field: entries are generated as its key/value messages
+                value_field = entry_type.fields_by_name["value"]
+                if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                    target[entry.key].CopyFrom(entry.value)
+                else:
+                    target[entry.key] = entry.value
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
             for item in value:
                 target.add().CopyFrom(item)
         else:
