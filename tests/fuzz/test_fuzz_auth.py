@@ -627,11 +627,15 @@ def fuzz_client_messages(world: AuthWorld) -> None:
                 pb.HeartbeatRequest(job_id=job_id, client_id=client_id, state=pb.CLIENT_STATE_IDLE),
                 pb.TrainingSlotRequest(job_id=job_id, client_id=client_id, device=pb.DeviceState(charging=True)),
                 pb.VersionHistoryRequest(job_id=job_id),
+                pb.EvaluationReport(
+                    job_id=job_id, client_id=client_id, version=0, num_examples=1, metrics={"accuracy": 0.5}, idempotency_key=f"eval-{job_id}"
+                ),
             ):
                 rpc = TRIBUTARY_RPCS[
                     {
                         pb.GetJobRequest: "GetJob", pb.PullRequest: "Pull", pb.HeartbeatRequest: "Heartbeat",
                         pb.TrainingSlotRequest: "AcquireTrainingSlot", pb.VersionHistoryRequest: "GetVersionHistory",
+                        pb.EvaluationReport: "ReportEvaluation",
                     }.get(type(request), "JoinCohort")
                 ]  # fmt: skip
                 as_client(world, PlannedCall(rpc, [request], client_allowed(world, rpc, [request], client_id), "in every job"), client_id)
