@@ -41,6 +41,9 @@ class RunRecord:
     time_label: str = "seconds"
     accuracy: list[tuple[float, int, float]] = field(default_factory=list)
     """(seconds, version, accuracy), oldest first."""
+    federated_accuracy: list[tuple[float, int, float]] = field(default_factory=list)
+    """(seconds, version, example-weighted accuracy the clients reported on their own
+    held-out data), oldest first: federated evaluation, server state directories only."""
     target: float | None = None
     staleness: Counter[int] | None = None
     updates_per_client: Counter[str] | None = None
@@ -137,12 +140,17 @@ def _state_job(
     if "evaluations" in tables:
         rows = db.execute("SELECT version, evaluated_at, metrics FROM evaluations WHERE job_id = ? ORDER BY version", (job_id,)).fetchall()
         for version, evaluated_at, metrics in rows:
-            accuracy = json.loads(metrics).get("accuracy")
-            if isinstance(accuracy, (int, float)):
-                record.accuracy.append((published.get(int(version), float(evaluated_at)) - created_at, int(version), float(accuracy)))
+            values = json.loads(metrics)
+            seconds = published.get(int(version), float(evaluated_at)) - created_at
+            for name, series in (("accuracy", record.accuracy), ("federated_accuracy", record.federated_accuracy)):
+                if isinstance(values.get(name), (int, float)):
+                    series.append((seconds, int(version), float(values[name])))
         if not rows:
-            record.missing.append("accuracy: no evaluations (start the server with an evaluator: --evaluator module:function)")
-        elif not record.accuracy:
+            record.missing.append(
+                "accuracy: no evaluations (start the server with an evaluator: --evaluator module:function, "
+                "or have clients report theirs: federated evaluation)"
+            )
+        elif not record.accuracy and not record.federated_accuracy:
             record.missing.append("accuracy: the evaluator's metrics have no \"accuracy\"")
     else:
         record.missing.append(f"accuracy: this state directory (schema {schema}) predates server-side evaluation")
@@ -283,12 +291,19 @@ def plot(record: RunRecord, out_dir: Path) -> None:
         plt.close(figure)
         record.plots[kind] = name
 
-    if record.accuracy:
+    if record.accuracy or record.federated_accuracy:
+        both = bool(record.accuracy) and bool(record.federated_accuracy)
         for kind, index, xlabel in (("accuracy_time", 0, record.time_label), ("accuracy_version", 1, "model version")):
             figure, axes = plt.subplots(figsize=(6, 3.5))
-            axes.plot([p[index] for p in record.accuracy], [p[2] for p in record.accuracy], marker=".", linewidth=1)
+            if record.accuracy:
+                axes.plot([p[index] for p in record.accuracy], [p[2] for p in record.accuracy], marker=".", linewidth=1,
+                          label="server evaluator (held-out set)" if record.federated_accuracy else None)  # fmt: skip
+            if record.federated_accuracy:
+                axes.plot([p[index] for p in record.federated_accuracy], [p[2] for p in record.federated_accuracy], marker=".",
+                          linewidth=1, linestyle="--", label="federated (clients' own held-out data)")  # fmt: skip
             if record.target is not None:
                 axes.axhline(record.target, color="grey", linestyle="--", linewidth=1, label=f"target {record.target:.0%}")
+            if record.target is not None or both or record.federated_accuracy:
                 axes.legend(loc="lower right")
             axes.set_xlabel(xlabel)
             axes.set_ylabel("test accuracy")
@@ -335,6 +350,9 @@ def summary_rows(record: RunRecord) -> list[tuple[str, str]]:
         best = max(record.accuracy, key=lambda p: p[2])
         rows.append(("final accuracy", f"{final[2]:.2%} (version {final[1]})"))
         rows.append(("best accuracy", f"{best[2]:.2%} (version {best[1]})"))
+    if record.federated_accuracy:
+        final = record.federated_accuracy[-1]
+        rows.append(("final federated accuracy", f"{final[2]:.2%} (version {final[1]}, reported by the clients)"))
     if record.target is not None:
         hit = record.time_to(record.target)
         rows.append((

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,13 @@ def test_report_of_a_state_directory(tmp_path: Path) -> None:
             b.push(0, delta)  # version 1
             a.push(1, delta)
             a.push(0, delta)  # staleness 1; version 2
+            for _ in range(200):  # the server's evaluator first (its own thread), so version 2 has both
+                if (running.evaluations["default"].last_version or 0) >= 2:
+                    break
+                time.sleep(0.05)
+            # federated evaluation of version 2: weighted by examples, (0.5 * 10 + 0.8 * 30) / 40
+            a.report_evaluation(2, {"accuracy": 0.5}, 10)
+            b.report_evaluation(2, {"accuracy": 0.8}, 30)
         running.evaluations["default"].stop()
         evaluated = list(running.core.job("default").stats.evaluations)
     update_bytes = sum(t.nbytes for t in delta.values())
@@ -60,6 +68,7 @@ def test_report_of_a_state_directory(tmp_path: Path) -> None:
     summary = (out / "index.md").read_text()
     final_version, _, final_metrics = evaluated[-1]
     assert f"| final accuracy | {final_metrics['accuracy']:.2%} (version {final_version}) |" in summary
+    assert "| final federated accuracy | 72.50% (version 2, reported by the clients) |" in summary
     assert "| model versions | 2 |" in summary
     assert "| updates accepted | 4 |" in summary
     assert "| staleness | mean 0.25, max 1 over 4 updates |" in summary
