@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from client_sdk import TrainFn
+from client_sdk import EvaluateFn, TrainFn
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,43 @@ def make_train_fn(
     return train
 
 
+def hold_out(size: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions 0..size-1 into (training, held-out) for federated
+    evaluation: a seeded shuffle, `round(size * fraction)` held out but at
+    least 1, and at least 1 left to train on (else ValueError)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+    held = max(1, round(size * fraction))
+    if held >= size:
+        raise ValueError(f"{size} example(s) are too few to hold out {fraction:g} of them and still train on the rest")
+    order = np.random.default_rng(seed).permutation(size)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def make_evaluate_fn(x: np.ndarray, y: np.ndarray) -> EvaluateFn:
+    """An `EvaluateFn` for the SDK's federated evaluation (`fit(evaluate_fn=...)`):
+    accuracy and mean cross-entropy loss of the model on (x, y), computed on
+    the device the model's parameters are on."""
+    features = torch.from_numpy(x)
+    targets = torch.from_numpy(y)
+
+    def evaluate(model: nn.Module) -> tuple[int, dict[str, float]]:
+        device = next(model.parameters()).device
+        return len(targets), _accuracy_and_loss(model, features.to(device), targets.to(device))
+
+    return evaluate
+
+
+@torch.no_grad()
+def _accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    model.eval()
+    logits = model(x)
+    return {
+        "accuracy": float((logits.argmax(dim=1) == y).float().mean()),
+        "loss": float(nn.functional.cross_entropy(logits, y)),
+    }
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
@@ -162,9 +199,4 @@ def digits_evaluator(tensors: Mapping[str, np.ndarray]) -> dict[str, float]:
     x, y = _held_out()
     model = DigitsCNN()  # one per call (85k parameters): evaluators of several jobs may run at once
     model.load_state_dict({name: torch.from_numpy(np.array(value)) for name, value in tensors.items()})
-    model.eval()
-    logits = model(x)
-    return {
-        "accuracy": float((logits.argmax(dim=1) == y).float().mean()),
-        "loss": float(nn.functional.cross_entropy(logits, y)),
-    }
+    return _accuracy_and_loss(model, x, y)

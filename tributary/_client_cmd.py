@@ -24,6 +24,10 @@ def run_client(options: dict[str, Any]) -> None:
     for name in ("epochs", "batch_size"):
         if options[name] < 1:
             raise click.BadParameter(f"must be >= 1, got {options[name]}", param_hint="--" + name.replace("_", "-"))
+    if not 0 < options["eval_fraction"] < 1:
+        raise click.BadParameter(f"must be a fraction in (0, 1), got {options['eval_fraction']}", param_hint="--eval-fraction")
+    if options["eval_every"] < 1:
+        raise click.BadParameter(f"must be >= 1, got {options['eval_every']}", param_hint="--eval-every")
     if options["lr"] <= 0:
         raise click.BadParameter(f"must be > 0, got {options['lr']}", param_hint="--lr")
     tls_flags = [flag for flag, key in (("--ca", "ca_file"), ("--cert", "cert_file"), ("--key", "key_file")) if options[key] is not None]
@@ -47,7 +51,7 @@ def run_client(options: dict[str, Any]) -> None:
     import torch
 
     from client_sdk import Client, ClientTLS, Compression, TributaryError, pick_device
-    from edge.tasks import build_model, dirichlet_shards, load_digits_split, make_train_fn
+    from edge.tasks import build_model, dirichlet_shards, hold_out, load_digits_split, make_evaluate_fn, make_train_fn
 
     try:
         device = pick_device(options["device"])
@@ -61,6 +65,14 @@ def run_client(options: dict[str, Any]) -> None:
         shard = dirichlet_shards(data.y_train, options["num_shards"], options["dirichlet_alpha"], options["seed"])[options["shard"]]
     except ValueError as error:
         raise click.UsageError(str(error)) from error
+    evaluate = None
+    if options["federated_eval"]:
+        try:
+            kept, held = hold_out(len(shard), options["eval_fraction"], options["seed"] * 1000 + options["shard"])
+        except ValueError as error:
+            raise click.UsageError(f"--federated-eval: shard {options['shard']}: {error}") from error
+        evaluate = make_evaluate_fn(data.x_train[shard[held]], data.y_train[shard[held]])
+        shard = shard[kept]
     train = make_train_fn(
         data.x_train[shard],
         data.y_train[shard],
@@ -88,7 +100,7 @@ def run_client(options: dict[str, Any]) -> None:
         with client, bar.shown():
             summary = client.fit(
                 model, train, updates=options["updates"], duration_s=options["duration"], device=str(device), compression=compression,
-                progress=bar,
+                progress=bar, evaluate_fn=evaluate, evaluate_every=options["eval_every"],
             )  # fmt: skip
     except KeyboardInterrupt:
         return
@@ -99,6 +111,7 @@ def run_client(options: dict[str, Any]) -> None:
     click.echo(
         f"client {client.client_id}: {summary.updates_pushed} updates accepted, {summary.updates_refused} refused, "
         f"last version {summary.last_version}, {summary.seconds:.1f}s"
+        + (f", {summary.evaluations_reported} evaluations reported" if evaluate is not None else "")
     )
 
 

@@ -110,6 +110,9 @@ def server(**options: object) -> None:
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File holding this client's token (from `tributary admin enrol`), for servers run with --auth.")
 @click.option("--quantize-bits", type=int, default=None, help="Compress each update by stochastic quantization to 8 or 4 bits (under secure aggregation: the job's cohort setting).")
 @click.option("--top-k", type=float, default=None, help="Send only this fraction (0, 1] of each tensor's largest elements, with error feedback (plaintext jobs only).")
+@click.option("--federated-eval", is_flag=True, default=False, help="Hold out part of the shard, and report accuracy and loss of pulled versions on it (ReportEvaluation).")
+@click.option("--eval-every", type=int, default=1, help="With --federated-eval: evaluate the first pulled version and every N-th pull after.")
+@click.option("--eval-fraction", type=float, default=0.2, help="With --federated-eval: fraction of the shard held out, in (0, 1) (at least 1 example).")
 def client(**options: object) -> None:
     """Join a job and train a built-in task (pull -> train -> push, repeatedly)."""
     from tributary._client_cmd import run_client

@@ -60,6 +60,63 @@ def test_server_and_clients_as_processes(tmp_path: Path) -> None:
     assert "shutting down" in output
 
 
+def test_clients_with_federated_eval_report_accuracy_the_server_records() -> None:
+    """`--federated-eval`: each client holds out part of its shard and reports
+    each pulled version's accuracy and loss; the server's dashboard API shows
+    the merged federated_accuracy per version, counting every client's report."""
+    server, address = start_server("--insecure", "--task", "digits", "--buffer-size", "2", "--max-staleness", "20", "--http-address", "127.0.0.1:0")
+    try:
+        assert server.stdout is not None
+        dashboard = re.search(r"dashboard on (http://\S+/)", server.stdout.readline())
+        assert dashboard, STARTUP[server.pid]
+        clients = [
+            subprocess.Popen(
+                [*TRIBUTARY, "client", "--insecure", "--server", address, "--shard", str(i), "--num-shards", "2", "--updates", "3",
+                 "--client-id", f"feval-{i}", "--federated-eval", "--eval-fraction", "0.25"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        reported = 0
+        for process in clients:
+            stdout, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stdout + stderr
+            match = re.search(r"3 updates accepted, .*, (\d+) evaluations reported", stdout)
+            assert match, stdout
+            assert int(match.group(1)) >= 1
+            reported += int(match.group(1))
+        with urllib.request.urlopen(dashboard.group(1) + "api/jobs/default", timeout=10) as response:
+            job = json.load(response)
+        federated = [point for point in job["evaluations"] if "federated_accuracy" in point["metrics"]]
+        assert federated, job["evaluations"]
+        for point in federated:
+            assert 0 <= point["metrics"]["federated_accuracy"] <= 1
+            assert point["metrics"]["federated_loss"] > 0
+            assert point["metrics"]["federated_clients"] in (1, 2)
+        assert sum(point["metrics"]["federated_clients"] for point in federated) == reported
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=30)
+    assert server.returncode == 0, output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--eval-fraction", "0"], "Invalid value for --eval-fraction: must be a fraction in (0, 1), got 0.0"),
+        (["--eval-fraction", "1.5"], "Invalid value for --eval-fraction: must be a fraction in (0, 1), got 1.5"),
+        (["--eval-every", "0"], "Invalid value for --eval-every: must be >= 1, got 0"),
+        (["--eval-fraction", "0.9999"], "--federated-eval: shard 0: 1437 example(s) are too few to hold out 0.9999 of them"),
+    ],
+)
+def test_bad_federated_eval_flags_are_named(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [*TRIBUTARY, "client", "--insecure", "--server", "127.0.0.1:1", "--updates", "1", "--federated-eval", *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
 def test_clients_started_before_the_server_connect_when_it_comes_up(tmp_path: Path) -> None:
     """Retries with backoff: a client whose server is not up yet keeps trying."""
     import socket
