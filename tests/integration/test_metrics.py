@@ -55,6 +55,7 @@ def test_plain_federation_moves_the_metrics(serve: Callable[..., RunningServer])
         assert value(first, "tributary_updates_accepted_total", job="default") == 2
         assert value(first, "tributary_update_staleness_versions_count", job="default") == 2
         assert value(first, "tributary_update_staleness_versions_bucket", job="default", le="0.0") == 2
+        # observation counts (how many pushes and aggregations were timed), not durations
         assert value(first, "tributary_push_duration_seconds_count", job="default") == 2
         assert value(first, "tributary_aggregation_duration_seconds_count", job="default") == 1
         assert value(first, "tributary_received_bytes_total", job="default") >= 2 * MODEL_BYTES
