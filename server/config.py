@@ -377,13 +377,13 @@ class JobConfig:
             module, sep, function = self.evaluator.partition(":") if isinstance(self.evaluator, str) else ("", "", "")
             if not (sep and _DOTTED.match(module) and _DOTTED.match(function)):
                 raise ConfigError(
-                    f"job {self.job_id!r}: evaluator must be \"module:function\" (e.g. \"edge.tasks:digits_evaluator\"), "
+                    f"job {self.job_id!r}: evaluator (--evaluator) must be \"module:function\" (e.g. \"edge.tasks:digits_evaluator\"), "
                     f"got {self.evaluator!r}"
                 )
         if not (_is_int(self.evaluate_every) and self.evaluate_every >= 1):
-            raise ConfigError(f"job {self.job_id!r}: evaluate_every must be an integer >= 1 (versions), got {self.evaluate_every!r}")
+            raise ConfigError(f"job {self.job_id!r}: evaluate_every (--evaluate-every) must be an integer >= 1 (versions), got {self.evaluate_every!r}")
         if self.evaluate_every != 1 and self.evaluator is None:
-            raise ConfigError(f"job {self.job_id!r}: evaluate_every only applies with an evaluator: set evaluator too")
+            raise ConfigError(f"job {self.job_id!r}: evaluate_every (--evaluate-every) only applies with an evaluator: set evaluator (--evaluator) too")
 
     def _check_slots(self) -> None:
         cap = self.max_concurrent_trainers

@@ -24,9 +24,9 @@ def run_client(options: dict[str, Any]) -> None:
     for name in ("epochs", "batch_size"):
         if options[name] < 1:
             raise click.BadParameter(f"must be >= 1, got {options[name]}", param_hint="--" + name.replace("_", "-"))
-    if not 0 < options["eval_fraction"] < 1:
+    if options["federated_eval"] and not 0 < options["eval_fraction"] < 1:
         raise click.BadParameter(f"must be a fraction in (0, 1), got {options['eval_fraction']}", param_hint="--eval-fraction")
-    if options["eval_every"] < 1:
+    if options["federated_eval"] and options["eval_every"] < 1:
         raise click.BadParameter(f"must be >= 1, got {options['eval_every']}", param_hint="--eval-every")
     if options["lr"] <= 0:
         raise click.BadParameter(f"must be > 0, got {options['lr']}", param_hint="--lr")

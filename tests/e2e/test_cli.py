@@ -161,6 +161,11 @@ def test_clients_started_before_the_server_connect_when_it_comes_up(tmp_path: Pa
         (["--task", "digits", "--resume-expiry", "0"], "resume_expiry_s must be a positive number, got 0"),
         (["--task", "digits", "--keep-versions-for-resume", "-1"], "keep_versions_for_resume must be an integer from 0 to 100"),
         (["--task", "digits", "--state-dir", "/dev/null"], "state directory /dev/null cannot be used"),
+        (["--task", "digits", "--http-address", "nowhere"], "http_address (--http-address) must be host:port"),
+        (["--task", "digits", "--evaluator", "no_colon"], "evaluator (--evaluator) must be \"module:function\""),
+        (["--task", "digits", "--evaluator", "no.such_module:f"], "cannot import module 'no.such_module'"),
+        (["--task", "digits", "--evaluate-every", "0"], "evaluate_every (--evaluate-every) must be an integer >= 1"),
+        (["--task", "digits", "--evaluator", "none", "--evaluate-every", "2"], "evaluate_every (--evaluate-every) only applies with an evaluator"),
     ],
 )
 def test_bad_server_flags_are_named(args: list[str], message: str) -> None:
@@ -296,6 +301,7 @@ def test_more_bad_client_flags(args: list[str], message: str) -> None:
         (["--clients", "500"], "cannot split the digits for --clients 500"),
         (["--clients", "0"], "Invalid value for --clients"),
         (["--target-accuracy", "1.5"], "Invalid value for --target-accuracy"),
+        (["--http-address", "nowhere"], "http_address (--http-address) must be host:port"),
     ],
 )
 def test_bad_demo_flags_are_named(tmp_path: Path, args: list[str], message: str) -> None:

@@ -64,12 +64,12 @@ def wait_until(predicate: Any, timeout_s: float = 20.0) -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"evaluator": "no_colon"}, "evaluator must be \"module:function\""),
+        ({"evaluator": "no_colon"}, "evaluator (--evaluator) must be \"module:function\""),
         ({"evaluator": "pkg.mod:"}, "got 'pkg.mod:'"),
         ({"evaluator": "bad module:f"}, "got 'bad module:f'"),
-        ({"evaluator": "m:f", "evaluate_every": 0}, "evaluate_every must be an integer >= 1"),
-        ({"evaluator": "m:f", "evaluate_every": True}, "evaluate_every must be an integer >= 1"),
-        ({"evaluate_every": 3}, "evaluate_every only applies with an evaluator"),
+        ({"evaluator": "m:f", "evaluate_every": 0}, "evaluate_every (--evaluate-every) must be an integer >= 1"),
+        ({"evaluator": "m:f", "evaluate_every": True}, "evaluate_every (--evaluate-every) must be an integer >= 1"),
+        ({"evaluate_every": 3}, "evaluate_every (--evaluate-every) only applies with an evaluator"),
     ],
 )
 def test_bad_evaluator_settings_name_the_job_and_value(settings: dict[str, Any], message: str) -> None:
