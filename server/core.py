@@ -80,6 +80,8 @@ LOG_VERSIONS_EVERY_S = 10.0
 RECENT_REJECTIONS = 200
 """Refused pushes JobStats.recent_rejections keeps."""
 MAX_REJECTION_TEXT = 300
+MAX_SHOWN_CLIENT_ID = 128
+"""Characters of a refused push's client id JobStats.recent_rejections keeps (the longest id accepted)."""
 MAX_NUM_SAMPLES = 1 << 32
 """Bounds sample weights, so float64 aggregation buffers cannot overflow."""
 MAX_ENERGY_JOULES = 1e12
@@ -548,7 +550,8 @@ class Job:
         with self._lock:
             self.stats.rejected[reason] += 1
             shown = f"{reason}: {message}" if message else reason
-            self.stats.recent_rejections.append((time.time(), client_id, shown[:MAX_REJECTION_TEXT]))
+            # an id refused for its length is still shown, cut to what an id may be
+            self.stats.recent_rejections.append((time.time(), client_id[:MAX_SHOWN_CLIENT_ID], shown[:MAX_REJECTION_TEXT]))
 
     def read_stats(self, reader: Callable[[JobStats], T]) -> T:
         """`reader(self.stats)` under the job's lock: a consistent view for
@@ -585,10 +588,11 @@ class Job:
         if self.slots is None:
             return SlotDecision(True, version, reason="this job has no training slots: train whenever the device allows")
         decision = self.slots.acquire(client_id, device, version)
-        logger.debug(
-            "training slot %s%s", "granted" if decision.granted else "refused: ", "" if decision.granted else decision.reason,
-            extra=log_context(job=self.job_id, client=client_id, version=decision.version),
-        )  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):  # per request: build no context for a line nobody keeps
+            logger.debug(
+                "training slot %s%s", "granted" if decision.granted else "refused: ", "" if decision.granted else decision.reason,
+                extra=log_context(job=self.job_id, client=client_id, version=decision.version),
+            )  # fmt: skip
         return decision
 
     def release_slot(self, client_id: str, *, pushed: bool) -> None:
@@ -676,11 +680,12 @@ class Job:
                 raise
             self._remember(header, outcome)
         self.release_slot(header.client_id, pushed=True)
-        logger.debug(
-            "update accepted: base version %d, staleness %d (weight %.3g), %d samples",
-            header.base_version, outcome.staleness, outcome.staleness_weight, header.num_samples,
-            extra=log_context(job=self.job_id, client=header.client_id, version=outcome.version_after),
-        )  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):  # every push: build no context for a line nobody keeps
+            logger.debug(
+                "update accepted: base version %d, staleness %d (weight %.3g), %d samples",
+                header.base_version, outcome.staleness, outcome.staleness_weight, header.num_samples,
+                extra=log_context(job=self.job_id, client=header.client_id, version=outcome.version_after),
+            )  # fmt: skip
         return outcome
 
     def _outcome_for(self, base_version: int) -> PushOutcome:
@@ -868,12 +873,13 @@ class Job:
         # is a DEBUG event, and INFO says where the job is at most every LOG_VERSIONS_EVERY_S
         now = time.monotonic()
         summary = not replaying and now - self._versions_logged_at >= LOG_VERSIONS_EVERY_S
-        logger.log(
-            logging.INFO if summary else logging.DEBUG,
-            "%s version %d%s", "replayed" if replaying else "published", self._current.version,
-            f" ({self._current.version - self._versions_logged} since the last such line)" if summary and self._versions_logged else "",
-            extra=log_context(job=self.job_id, version=self._current.version),
-        )  # fmt: skip
+        if summary or logger.isEnabledFor(logging.DEBUG):  # under the job lock, per version
+            logger.log(
+                logging.INFO if summary else logging.DEBUG,
+                "%s version %d%s", "replayed" if replaying else "published", self._current.version,
+                f" ({self._current.version - self._versions_logged} since the last such line)" if summary and self._versions_logged else "",
+                extra=log_context(job=self.job_id, version=self._current.version),
+            )  # fmt: skip
         if summary:
             self._versions_logged_at, self._versions_logged = now, self._current.version
 

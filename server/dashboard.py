@@ -106,6 +106,7 @@ def job_snapshot(job: Job, cohorts: CohortManager | None = None, *, now: float |
     now = time.time() if now is None else now
     stats = job.read_stats(_copy)
     snapshot = job.snapshot()
+    holders = job.slots.holders() if job.slots is not None else {}  # read once: the roster and the slot count agree
     return {
         "job_id": job.job_id,
         "server_time": now,
@@ -133,8 +134,8 @@ def job_snapshot(job: Job, cohorts: CohortManager | None = None, *, now: float |
             "by_reason": dict(sorted(stats.rejected.items(), key=lambda item: -item[1])),
             "recent": [{"time": t, "client_id": client, "reason": reason} for t, client, reason in reversed(stats.rejections)],
         },
-        "roster": _roster(job),
-        "slots": _slots(job),
+        "roster": _roster(job, holders),
+        "slots": _slots(job, holders),
         "cohorts": _cohorts(cohorts, stats.cohorts_aborted),
     }
 
@@ -182,12 +183,11 @@ def _client_row(client: ClientPresence, now: float, lapse_s: float, slots: Mappi
     }
 
 
-def _roster(job: Job) -> JSON:
+def _roster(job: Job, slots: Mapping[str, int]) -> JSON:
     roster = job.roster
     now = roster.clock()
     clients = roster.clients()  # least recently heard from first
     lapse_s = DROPPED_AFTER_HEARTBEATS * job.config.heartbeat_interval_s
-    slots = job.slots.holders() if job.slots is not None else {}
     updates = job.read_stats(lambda stats: {c.client_id: stats.updates_per_client.get(c.client_id, 0) for c in clients[-MAX_ROSTER_ROWS:]})
     rows = [_client_row(client, now, lapse_s, slots, updates) for client in reversed(clients[-MAX_ROSTER_ROWS:])]
     counts = {"idle": 0, "training": 0, "uploading": 0, "dropped": 0}
@@ -196,10 +196,9 @@ def _roster(job: Job) -> JSON:
     return {"total": len(clients), "by_state": counts, "clients": rows, "dropped_after_s": lapse_s}
 
 
-def _slots(job: Job) -> JSON | None:
+def _slots(job: Job, holders: Mapping[str, int]) -> JSON | None:
     if job.slots is None:
         return None
-    holders = job.slots.holders()
     return {
         "max_concurrent_trainers": job.slots.policy.max_concurrent_trainers,
         "active": len(holders),

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from server.core import Job
+from server.federated import PREFIX as FEDERATED_PREFIX
 from server.errors import ConfigError, ServerError
 
 Evaluator = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
@@ -74,6 +75,8 @@ def checked_metrics(metrics: object) -> dict[str, float]:
             raise BadMetrics(f"returned a metric named {name!r}; names must be non-empty strings")
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(float(value)):
             raise BadMetrics(f"returned {name}={value!r}; metrics must be finite numbers")
+        if name.startswith(FEDERATED_PREFIX):  # those names hold the clients' reports of the same version
+            raise BadMetrics(f"returned a metric named {name!r}; the {FEDERATED_PREFIX} prefix is reserved for federated evaluation")
         checked[name] = float(value)
     return checked
 

@@ -87,6 +87,8 @@ def check_report(report: EvaluationReport) -> None:
             raise InvalidUpdate(
                 f"metric name {name[:MAX_METRIC_NAME]!r} is not accepted: use 1 to {MAX_METRIC_NAME} characters from A-Z a-z 0-9 _ . -"
             )
+        if PREFIX + name in (CLIENTS, EXAMPLES):  # the server's own counts of each version's reports
+            raise InvalidUpdate(f"metric name {name!r} is reserved: the server reports how many clients and examples a version's evaluations cover")
         if not math.isfinite(value) or abs(value) > MAX_METRIC_MAGNITUDE:
             raise InvalidUpdate(f"metric {name}={value!r}: values must be finite numbers of magnitude at most {MAX_METRIC_MAGNITUDE:g}")
 

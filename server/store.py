@@ -63,7 +63,7 @@ from proto.tensors import TensorSpec
 from server import faults
 from server.config import JobConfig, RetentionConfig
 from server.core import Job, ModelSnapshot, PushOutcome, UpdateHeader
-from server.errors import ServerError, StateError, Unavailable
+from server.errors import IdempotencyConflict, ServerError, StateError, Unavailable
 from server.federated import KEPT_VERSIONS, EvaluationReport
 
 log = logging.getLogger("tributary.server")
@@ -477,6 +477,15 @@ class StateStore:
             )
 
     def record_federated_report(self, job_id: str, report: EvaluationReport, evaluated_at: float, metrics: Mapping[str, float]) -> None:
+        with self._lock:
+            # keys of versions the job no longer keeps in memory are still here, forever
+            used = self._db.execute(
+                "SELECT version FROM federated_reports WHERE job_id = ? AND idempotency_key = ?", (job_id, report.idempotency_key)
+            ).fetchone()
+        if used is not None:
+            raise IdempotencyConflict(
+                f"idempotency_key {report.idempotency_key!r} was used for an earlier report (version {used[0]}); use a new key per report"
+            )
         with self._lock, self._transaction(writing=True):
             self._db.execute(
                 "INSERT INTO federated_reports (job_id, version, client_id, idempotency_key, num_examples, metrics, reported_at) "

@@ -109,6 +109,7 @@ def test_a_loaded_evaluator_is_the_function() -> None:
         (lambda tensors: 0.9, "returned a float, not a mapping"),
         (lambda tensors: {"loss": float("nan")}, "metrics must be finite numbers"),
         (failing_evaluator, "RuntimeError: the test set is gone"),
+        (lambda tensors: {"federated_accuracy": 0.9}, "the federated_ prefix is reserved"),
     ],
 )
 def test_the_trial_run_at_start_refuses_a_bad_evaluator(evaluator: Any, message: str) -> None:

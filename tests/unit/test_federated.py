@@ -4,11 +4,13 @@ job merges it with the server evaluator's metrics of the same version."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from server.config import JobConfig
 from server.core import Job
+from server.store import StateStore
 from server.errors import IdempotencyConflict, InvalidUpdate, UnknownVersion
 from server.federated import KEPT_VERSIONS, MAX_METRICS, EvaluationReport, FederatedEvaluations, check_report
 from tests.conftest import small_model
@@ -76,6 +78,8 @@ def test_versions_unknown_or_too_old_are_refused_and_memory_stays_bounded() -> N
         (EvaluationReport("a", 0, 1, {"accuracy": 1e300}, "k"), "magnitude"),
         (EvaluationReport("a", 0, 1, {"bad name": 1.0}, "k"), "metric name"),
         (EvaluationReport("a", 0, 1, {"": 1.0}, "k"), "metric name"),
+        (EvaluationReport("a", 0, 1, {"clients": 3.0}, "k"), "'clients' is reserved"),
+        (EvaluationReport("a", 0, 1, {"examples": 3.0}, "k"), "'examples' is reserved"),
     ],
 )
 def test_bad_reports_say_what_is_wrong(bad: EvaluationReport, message: str) -> None:
@@ -96,3 +100,20 @@ def test_job_merges_federated_and_server_metrics_per_version() -> None:
     with pytest.raises(InvalidUpdate):
         job.report_evaluation(report("b", 0, 0))
     assert job.federated_reports_taken == 1
+
+
+def test_a_key_the_state_directory_holds_from_a_forgotten_version_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    """Keys of versions no longer kept in memory stay in the state directory: a new
+    report under one is an IdempotencyConflict (INVALID_ARGUMENT), not an error the
+    client would retry forever."""
+    store = StateStore(tmp_path)
+    job = Job(JobConfig(), small_model())
+    store.open_job(job)
+    try:
+        job.report_evaluation(report("a", 0, 4, key="reused", accuracy=0.5))
+        before = list(job.stats.evaluations)
+        with pytest.raises(IdempotencyConflict, match="'reused' was used for an earlier report"):
+            store.record_federated_report(job.job_id, report("a", 0, 9, key="reused", accuracy=0.9), 1.0, {"federated_accuracy": 0.9})
+        assert list(job.stats.evaluations) == before and job.federated_summary(0) == {"federated_accuracy": 0.5, "federated_clients": 1.0, "federated_examples": 4.0}
+    finally:
+        store.close()

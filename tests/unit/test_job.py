@@ -488,3 +488,10 @@ def test_published_versions_are_each_a_debug_event_and_an_info_line_at_most_ever
     published = [r for r in caplog.records if r.getMessage().startswith("published version")]
     assert [r.version for r in published] == [1, 2, 3, 4, 5]  # type: ignore[attr-defined]
     assert [r.levelno for r in published] == [logging.INFO] + [logging.DEBUG] * 4
+
+
+def test_a_refused_push_keeps_at_most_an_ids_length_of_its_client_id() -> None:
+    job = make_job("fedasync")
+    job.note_rejection("InvalidUpdate", "c" * 10_000, "client_id is 10000 characters long; at most 128 are accepted")
+    (_, client_id, reason), = job.read_stats(lambda stats: list(stats.recent_rejections))
+    assert client_id == "c" * 128 and reason.startswith("InvalidUpdate: client_id is 10000 characters long")
