@@ -8,13 +8,19 @@ from typing import Any
 import click
 
 
-def report_for_run(run_dir: Path) -> Path:
+def report_for_run(run_dir: Path) -> str:
     """The report of a run `tributary demo` or `simulate` just wrote, into
-    <run_dir>/report; returns its HTML page (what they print)."""
-    from tributary.report import write_report
+    <run_dir>/report: where its HTML page is, or why there is none (the run's
+    own results are written already and must not be lost to a failed report)."""
+    from tributary.report import ReportError, write_report
 
-    written = write_report(run_dir, run_dir / "report", "both")
-    return written[-1]
+    try:
+        written = write_report(run_dir, run_dir / "report", "both")
+    except ImportError as error:  # matplotlib comes with the `report` extra
+        return f"not written ({error}; install tributary[report], then run `tributary report {run_dir}`)"
+    except (ReportError, OSError) as error:
+        return f"not written ({error})"
+    return str(written[-1])
 
 
 def run_report(options: dict[str, Any]) -> None:
@@ -27,5 +33,7 @@ def run_report(options: dict[str, Any]) -> None:
         written = write_report(options["run"], options["out_dir"], options["fmt"], target=target)
     except ReportError as error:
         raise click.ClickException(f"RUN {options['run']}: {error}") from error
+    except OSError as error:  # e.g. --out not writable
+        raise click.ClickException(f"cannot write the report: {error}") from error
     for path in written:
         click.echo(f"report: {path}")

@@ -96,10 +96,13 @@ def _load(path: Path, target: float | None) -> list[RunRecord]:
             data = json.loads(results.read_text())
         except (OSError, ValueError) as error:
             raise ReportError(f"{results} cannot be read as JSON: {error}") from error
-        if isinstance(data, dict) and "summary" in data:
-            return [_load_simulate(path, data)]
-        if isinstance(data, dict) and "history" in data and "strategy" in data:
-            return [_load_demo(path, data)]
+        try:
+            if isinstance(data, dict) and "summary" in data:
+                return [_load_simulate(path, data)]
+            if isinstance(data, dict) and "history" in data and "strategy" in data:
+                return [_load_demo(path, data)]
+        except (KeyError, TypeError, ValueError, AttributeError) as error:  # a field missing or of the wrong shape
+            raise ReportError(f"{results} is malformed: {type(error).__name__}: {error}") from error
         raise ReportError(f"{results} is neither a `tributary simulate` nor a `tributary demo` result")
     raise ReportError(
         f"{path} holds neither tributary.db (a server state directory) nor results.json (a `tributary simulate` or `demo` run)"
@@ -179,7 +182,7 @@ def _state_job(
         record.bytes_over = [(int(v), int(b)) for v, b, _ in per_version if b is not None]
         unknown = sum(int(n) for _, _, n in per_version)
         if unknown:
-            record.missing.append(f"bytes: {unknown} updates were logged before bytes were recorded (schema 2)")
+            record.missing.append(f"bytes: {unknown} updates were logged before bytes were recorded (before schema 3)")
     else:
         record.missing.append(f"bytes: this state directory (schema {schema}) predates bytes per update")
     record.bytes_label = "version (the updates that went into it)"

@@ -115,6 +115,7 @@ def test_simulate_prints_its_report_and_report_rewrites_it(tmp_path: Path) -> No
         (lambda d: (d / "file.txt", (d / "file.txt").write_text("x"))[0], "is not a directory"),
         (lambda d: d, "holds neither tributary.db"),
         (lambda d: (d / "results.json", (d / "results.json").write_text("{not json"))[0].parent, "cannot be read as JSON"),
+        (lambda d: (d / "results.json", (d / "results.json").write_text('{"summary": {}, "history": [{"version": 1}]}'))[0].parent, "is malformed"),
     ],
 )
 def test_a_bad_run_path_is_a_cli_error_naming_it(tmp_path: Path, make: object, needle: str) -> None:
@@ -123,3 +124,13 @@ def test_a_bad_run_path_is_a_cli_error_naming_it(tmp_path: Path, make: object, n
     assert done.returncode != 0
     assert f"RUN {run}" in done.stderr and needle in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_run_whose_report_fails_says_why_instead_of_losing_the_run(tmp_path: Path) -> None:
+    """demo and simulate print this after their results are written: a report that
+    cannot be made must not turn the finished run into a traceback."""
+    from tributary._report_cmd import report_for_run
+
+    (tmp_path / "results.json").write_text('{"summary": {}, "history": [{"version": 1}]}')
+    said = report_for_run(tmp_path)
+    assert said.startswith("not written (") and "is malformed" in said
