@@ -129,86 +129,79 @@ def running_server(
     evaluators = {job.job_id: load_evaluator(job.evaluator, job.job_id) for job in config.jobs if job.evaluator is not None}
     store = None
     recovered: list[str] = []
-    if config.state_dir is not None:
-        try:
-            store = StateStore(config.state_dir, config.retention)
-            recovered = [job_id for job_id, job in core.jobs.items() if store.open_job(job)]
-        except StateError as error:
-            if store is not None:
-                store.close()
-            raise ConfigError(str(error)) from error
-    evaluations = {
-        job.job_id: EvaluationLoop(core.job(job.job_id), evaluators[job.job_id], job.evaluator or "", every=job.evaluate_every)
-        for job in config.jobs
-        if job.job_id in evaluators
-    }
-    try:
+    grace = config.grace_period_s if grace_s is None else grace_s
+    with contextlib.ExitStack() as undo:  # what a start that fails part-way must release, newest first
+        if config.state_dir is not None:
+            try:
+                store = StateStore(config.state_dir, config.retention)
+                undo.callback(store.close)
+                recovered = [job_id for job_id, job in core.jobs.items() if store.open_job(job)]
+            except StateError as error:
+                raise ConfigError(str(error)) from error
+        evaluations = {
+            job.job_id: EvaluationLoop(core.job(job.job_id), evaluators[job.job_id], job.evaluator or "", every=job.evaluate_every)
+            for job in config.jobs
+            if job.job_id in evaluators
+        }
         for loop in evaluations.values():
             loop.check()  # a trial run on the current model, before any client can connect
-    except ConfigError:
-        if store is not None:
-            store.close()
-        raise
-    registry, admin, admin_generated = _open_auth(config) if config.auth else (None, None, False)
-    limits = ServerLimits.from_config(config)
-    in_flight = InFlight()
-    # Auth first: a caller without a credential never takes a stream slot.
-    auth = [AuthInterceptor(CallGate(registry, admin))] if registry is not None and admin is not None else []
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="tributary-rpc"),
-        interceptors=[in_flight, *auth, LimitsInterceptor(limits)],
-        # gRPC refuses a larger single message itself, with RESOURCE_EXHAUSTED
-        # "Received message larger than max (N vs. M)"
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-    )
-    cohorts = {
-        job.job_id: CohortManager(core.job(job.job_id), job.secure_aggregation, secagg_observer)
-        for job in config.jobs
-        if job.secure_aggregation is not None
-    }
-    authorizer = Authorizer(registry) if registry is not None else None
-    uploads = PartialUploads(config.resume_budget_bytes, config.resume_expiry_s)
-    metrics = ServerMetrics(core, cohorts)
-    pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts, authorizer, limits, uploads, metrics), server)
-    if registry is not None:  # with auth off there is no admin credential, so no Admin service
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(core, registry), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(config.address)
-        else:
-            port = server.add_secure_port(config.address, credentials)
-    except RuntimeError as error:
-        port = 0
-        reason = str(error)
-    else:
-        reason = "address in use or not local"
-    if port == 0:
-        if store is not None:
-            store.close()
-        raise ConfigError(f"cannot listen on {config.address}: {reason}")
-    endpoint = None
-    if config.http_address is not None:
-        endpoint = HttpEndpoint(
-            config.http_address,
-            metrics=metrics.exposition,
-            jobs=lambda: overview(core),
-            job=lambda job_id: job_snapshot(core.job(job_id), cohorts.get(job_id)),
-            admin=admin,
-            tls_files=(str(config.tls.cert_file), str(config.tls.key_file)) if config.tls is not None else None,
+        registry, admin, admin_generated = _open_auth(config) if config.auth else (None, None, False)
+        limits = ServerLimits.from_config(config)
+        in_flight = InFlight()
+        # Auth first: a caller without a credential never takes a stream slot.
+        auth = [AuthInterceptor(CallGate(registry, admin))] if registry is not None and admin is not None else []
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="tributary-rpc"),
+            interceptors=[in_flight, *auth, LimitsInterceptor(limits)],
+            # gRPC refuses a larger single message itself, with RESOURCE_EXHAUSTED
+            # "Received message larger than max (N vs. M)"
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         )
+        undo.callback(server.stop, 0)
+        cohorts = {
+            job.job_id: CohortManager(core.job(job.job_id), job.secure_aggregation, secagg_observer)
+            for job in config.jobs
+            if job.secure_aggregation is not None
+        }
+        authorizer = Authorizer(registry) if registry is not None else None
+        uploads = PartialUploads(config.resume_budget_bytes, config.resume_expiry_s)
+        metrics = ServerMetrics(core, cohorts)
+        pb_grpc.add_TributaryServicer_to_server(TributaryServicer(core, cohorts, authorizer, limits, uploads, metrics), server)
+        if registry is not None:  # with auth off there is no admin credential, so no Admin service
+            pb_grpc.add_AdminServicer_to_server(AdminServicer(core, registry), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         try:
+            if credentials is None:
+                port = server.add_insecure_port(config.address)
+            else:
+                port = server.add_secure_port(config.address, credentials)
+        except RuntimeError as error:
+            port = 0
+            reason = str(error)
+        else:
+            reason = "address in use or not local"
+        if port == 0:
+            raise ConfigError(f"cannot listen on {config.address}: {reason}")
+        endpoint = None
+        if config.http_address is not None:
+            endpoint = HttpEndpoint(
+                config.http_address,
+                metrics=metrics.exposition,
+                jobs=lambda: overview(core),
+                job=lambda job_id: job_snapshot(core.job(job_id), cohorts.get(job_id)),
+                admin=admin,
+                tls_files=(str(config.tls.cert_file), str(config.tls.key_file)) if config.tls is not None else None,
+            )
             endpoint.start()  # binds now: a taken port stops the start before anything serves
-        except ConfigError:
-            server.stop(0)
-            if store is not None:
-                store.close()
-            raise
-    server.start()
-    limits.watchdog.start()
-    for loop in evaluations.values():
-        loop.start()
+            undo.callback(endpoint.close)
+        server.start()
+        limits.watchdog.start()
+        undo.callback(limits.watchdog.stop)
+        for loop in evaluations.values():
+            loop.start()
+            undo.callback(loop.stop, timeout_s=grace)
+        undo.pop_all()  # started: from here on the shutdown below releases it all
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     host = config.address.rpartition(":")[0]
@@ -230,14 +223,13 @@ def running_server(
         if endpoint is not None:
             endpoint.close()
         for loop in evaluations.values():
-            loop.stop(timeout_s=config.grace_period_s if grace_s is None else grace_s)
+            loop.stop(timeout_s=grace)
         in_flight.close()
         health_servicer.enter_graceful_shutdown()
         for manager in cohorts.values():
             manager.shut_down()
         for job in core.jobs.values():
             job.release_waiters()
-        grace = config.grace_period_s if grace_s is None else grace_s
         stopped = server.stop(grace)  # refuses new RPCs from now on
         if not in_flight.wait_idle(grace):
             logger.warning("the grace period of %gs ran out with calls in flight; cancelling them (their clients retry)", grace)

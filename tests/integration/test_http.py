@@ -529,3 +529,18 @@ def test_a_connection_is_kept_alive_across_requests_and_closed_when_idle(serve: 
         assert (status, json.loads(body)) == (200, {"status": "ok"})
     finally:
         endpoint.close()
+
+
+def test_a_start_refused_after_the_state_directory_opened_releases_it(tmp_path: Path) -> None:
+    """The admin token file is read after the state directory is opened (and the
+    evaluator's trial run written there): refusing it must release the directory."""
+    state = tmp_path / "state"
+    missing = tmp_path / "no-such.token"
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, state_dir=state, auth=True, admin_token_file=missing)
+    with pytest.raises(ConfigError, match=f"admin_token_file {missing} does not exist"):
+        with running_server(config, {"default": small_model()}):
+            pytest.fail("the server started without its admin token")
+    # the lock on the state directory was let go: it opens again at once
+    config = ServerConfig(address="127.0.0.1:0", insecure=True, state_dir=state, http_address="127.0.0.1:0")
+    with running_server(config, {"default": small_model()}, grace_s=0.1) as running:
+        assert get_json(base(running) + "/healthz")[0] == 200
