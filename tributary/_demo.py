@@ -10,6 +10,7 @@ not reached within the time limit.
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def run_demo(options: dict[str, Any]) -> None:
             trained_s = time.monotonic() - started
         finally:
             _stop_fleet(fleet)
-        stats = job.stats
+        stats = job.read_stats(copy.deepcopy)  # one consistent copy: the server still serves
         save_model(run_dir / "final_model.safetensors", final.tensors)
 
     target = options["target_accuracy"]

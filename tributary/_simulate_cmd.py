@@ -11,6 +11,7 @@ share the server's process, so they reach it only over gRPC, as real ones do.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import functools
@@ -99,7 +100,7 @@ def run_experiment(
             return snapshot.version, snapshot.tensors
 
         result = simulate(experiment, running.address, JOB_ID, backend, watch, on_evaluated)
-        stats = job.stats
+        stats = job.read_stats(copy.deepcopy)  # one consistent copy: the server still serves
         result.server_stats = {
             "updates_accepted": stats.updates_accepted,
             "rejected": dict(stats.rejected),
