@@ -61,19 +61,16 @@ from bench.throughput import (
     JOB_ID,
     LOOPBACK,
     MB,
-    PUSH_TIMEOUT_S,
     SERVER_START_TIMEOUT_S,
-    SETUP_TIMEOUT_S,
     START_DELAY_S,
     TENSOR,
+    ClientPool,
     Window,
-    WorkerReport,
+    WorkerTask,
     _busy_cores,
     _make_delta,
     _receive,
-    _run_window,
     _split,
-    _TributaryPusher,
 )
 from client_sdk import Client, DeviceState, RetryPolicy
 from server import JobConfig, ServerConfig, StrategyConfig
@@ -249,82 +246,6 @@ class ServerProcess:
 
 
 # --------------------------------------------------------------------------- #
-# Pushers: worker processes with one SDK client per thread and server          #
-# --------------------------------------------------------------------------- #
-
-
-@dataclass(frozen=True)
-class PushTask:
-    addresses: dict[str, str]
-    """Server name -> gRPC address; every thread connects to each."""
-    params: int
-    threads: int
-    worker: int
-
-
-def _pusher_main(conn: Connection) -> None:
-    task: PushTask = conn.recv()
-    delta = _make_delta(task.params)
-    pushers: list[dict[str, _TributaryPusher]] = []
-    try:
-
-        def open_thread(thread: int) -> dict[str, _TributaryPusher]:
-            client_id = f"bench-{task.worker}-{thread}"
-            return {name: _TributaryPusher(address, delta, client_id) for name, address in task.addresses.items()}
-
-        with futures.ThreadPoolExecutor(max_workers=task.threads) as pool:
-            pushers = list(pool.map(open_thread, range(task.threads)))
-        conn.send("ready")
-    except Exception as error:  # noqa: BLE001 - the parent raises it
-        conn.send(f"pusher {task.worker} could not connect: {error!r}")
-    try:
-        while (window := conn.recv()) is not None:
-            conn.send(_run_window([p[window.target] for p in pushers], window))
-    finally:
-        for by_server in pushers:
-            for pusher in by_server.values():
-                pusher.close()
-
-
-class PusherPool:
-    """Pusher processes connected to every server until closed."""
-
-    def __init__(self, context: multiprocessing.context.SpawnContext, tasks: Sequence[PushTask]) -> None:
-        self._pipes: list[Connection] = []
-        self._processes: list[multiprocessing.context.SpawnProcess] = []
-        for task in tasks:
-            ours, theirs = context.Pipe()
-            process = context.Process(target=_pusher_main, args=(theirs,), name=f"bench-pusher-{task.worker}", daemon=True)
-            process.start()
-            ours.send(task)
-            self._pipes.append(ours)
-            self._processes.append(process)
-        failures = [a for a in (_receive(p, SETUP_TIMEOUT_S) for p in self._pipes) if a != "ready"]
-        if failures:
-            self.close()
-            raise RuntimeError("; ".join(failures))
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._processes if p.pid is not None]
-
-    def start_window(self, window: Window) -> None:
-        for pipe in self._pipes:
-            pipe.send(window)
-
-    def collect(self, window: Window) -> list[WorkerReport]:
-        return [_receive(pipe, window.seconds + 2 * PUSH_TIMEOUT_S) for pipe in self._pipes]
-
-    def close(self) -> None:
-        for pipe in self._pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(None)
-        for process in self._processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-
-
-# --------------------------------------------------------------------------- #
 # Watchers: HTTP pollers in their own process                                  #
 # --------------------------------------------------------------------------- #
 
@@ -456,7 +377,7 @@ class ModeResult:
 
 
 def _measure_mode(
-    mode: str, server: ServerProcess, pushers: PusherPool, watcher: Connection, watcher_pid: int, window_s: float, max_updates: int
+    mode: str, server: ServerProcess, pushers: ClientPool, watcher: Connection, watcher_pid: int, window_s: float, max_updates: int
 ) -> ModeWindow:
     begin = time.monotonic() + START_DELAY_S + WATCH_MARGIN_S
     window = Window(server.name, begin, window_s, max_updates)
@@ -468,8 +389,7 @@ def _measure_mode(
     if watching:
         assert server.http_address is not None
         watcher.send(WatchOrder(server.http_address, WATCHERS[mode], begin - WATCH_MARGIN_S, begin + window_s + WATCH_MARGIN_S))
-    pushers.start_window(window)
-    reports = pushers.collect(window)
+    reports = pushers.run_window(window)
     watch = _receive(watcher, window_s + 2 * HTTP_TIMEOUT_S) if watching else WatchReport()
     wall = time.monotonic() - started
     server_cpu, machine_busy = server.cpu_s() - server_cpu, _busy_cores(machine, psutil.cpu_times(), wall)
@@ -504,9 +424,10 @@ def run_ingest(args: argparse.Namespace, context: multiprocessing.context.SpawnC
         for server in servers.values():
             server.wait_ready()
         addresses = {s.name: s.address for s in servers.values()}
-        tasks = [PushTask(addresses, args.params, n, i) for i, n in enumerate(_split(args.clients, procs))]
-        pushers = PusherPool(context, tasks)
+        tasks = [WorkerTask(addresses, args.params, n, i) for i, n in enumerate(_split(args.clients, procs))]
+        pushers = ClientPool(context, len(tasks))  # throughput.py's SDK pushers, one thread each per client
         stack.callback(pushers.close)
+        stack.enter_context(pushers.connected(tasks))
         watcher, theirs = context.Pipe()
         watcher_process = context.Process(target=_watcher_main, args=(theirs,), name="bench-watcher", daemon=True)
         watcher_process.start()

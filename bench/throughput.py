@@ -83,6 +83,7 @@ TRIBUTARY = "tributary"
 TRIBUTARY_NO_AGGREGATION = "trib-noagg"
 TARGETS = (RAW_THREADED, RAW_AIO, TRIBUTARY, TRIBUTARY_NO_AGGREGATION)
 TRIBUTARY_TARGETS = (TRIBUTARY, TRIBUTARY_NO_AGGREGATION)
+RAW_TARGETS = (RAW_THREADED, RAW_AIO)
 
 JOB_ID = "bench"
 TENSOR = "w"
@@ -357,10 +358,10 @@ class _RawPusher:
 def _open_pushers(task: WorkerTask, delta: np.ndarray, thread: int) -> dict[str, _Pusher]:
     pushers: dict[str, _Pusher] = {}
     for target, address in task.addresses.items():
-        if target in TRIBUTARY_TARGETS:
-            pushers[target] = _TributaryPusher(address, delta, client_id=f"bench-{task.worker}-{thread}")
-        else:
+        if target in RAW_TARGETS:
             pushers[target] = _RawPusher(address, delta)
+        else:  # a Tributary server, whatever the bench calls it (bench/observability.py names them by mode)
+            pushers[target] = _TributaryPusher(address, delta, client_id=f"bench-{task.worker}-{thread}")
     return pushers
 
 
