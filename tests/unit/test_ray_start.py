@@ -3,6 +3,8 @@ wait runs out; any other failure, or a cluster address, is not retried."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -50,3 +52,19 @@ def test_other_failures_and_clusters_are_not_retried(options: dict[str, Any], fa
     with pytest.raises(type(failure)):
         _init_ray(ray, options)
     assert ray.calls == ["init"]
+
+
+class LeakyRayStandIn(RayStandIn):
+    """Shuts down as Ray does after a node failed to start: its processes are
+    killed but not waited for, and their Popen objects dropped while running."""
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+        del process  # "subprocess N is still running": a ResourceWarning, an error under filterwarnings=error
+
+
+def test_the_processes_a_failed_start_leaves_behind_do_not_surface_as_errors_elsewhere() -> None:
+    ray = LeakyRayStandIn(TIMED_OUT)
+    _init_ray(ray, {"address": None})
+    assert ray.calls == ["init", "shutdown", "init"]
